@@ -1,0 +1,64 @@
+//! kab: Kubernetes as the backend of business applications.
+//!
+//! The pipeline of the operator is one module per step:
+//! [`api`] (the KabStack type) → [`validate`] → [`render`] → apply/prune ([`operator`]) → [`status`].
+//! [`plane`] runs a local control plane for `kab dev` and the end-to-end tests.
+
+pub mod api;
+pub mod certs;
+pub mod dev;
+pub mod install;
+pub mod metrics;
+pub mod operator;
+pub mod plane;
+pub mod render;
+pub mod status;
+pub mod validate;
+
+/// The KabStack CustomResourceDefinition as YAML (what `kab crd` prints and `crds/` holds).
+pub fn crd_yaml() -> anyhow::Result<String> {
+    use kube::CustomResourceExt;
+    let crd = api::KabStack::crd();
+    Ok(serde_saphyr::to_string(&crd)?)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The committed CRD must be what `kab crd` prints (`KAB_BLESS=1` rewrites it).
+    #[test]
+    fn committed_crd_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/kabstack.yaml");
+        let generated = super::crd_yaml().unwrap();
+        if std::env::var("KAB_BLESS").is_ok_and(|v| v == "1") {
+            std::fs::write(path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "crds/kabstack.yaml is stale: run `cargo run -- crd > crds/kabstack.yaml` (or KAB_BLESS=1 cargo test)"
+        );
+    }
+}

@@ -1,0 +1,1164 @@
+//! The kab operator: reconciles every KabStack.
+//!
+//! `finalizer → validate → certificates → render (pure) → apply → prune → status`.
+//! Only apply, prune and the status write touch the API; every read comes from watch caches
+//! (reflector stores), never a LIST per reconcile. A child is re-applied only when what kab wants
+//! changed or the object changed under it (deleted, or edited by hand), so an idle stack causes no
+//! write at all.
+
+use crate::api::{KabStack, KabStackStatus};
+use crate::certs::{self, CertPolicy, PkiState};
+use crate::render::{self, Child, Facts, Rendered, Settings, Step, Templates};
+use crate::status::{self, CertFacts, Observed, Outcome};
+use crate::validate;
+use futures::{StreamExt, stream};
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PartialObjectMeta, PostParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::WatchStreamExt;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Debug;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Finalizer on every KabStack: removes the cluster-scoped children (webhook registration first).
+pub const FINALIZER: &str = "kab.dev/cleanup";
+/// Field manager for the children rendered from templates.
+pub const MANAGER: &str = "kab-operator";
+/// Field manager for the webhook certificate Secrets.
+pub const MANAGER_CERTS: &str = "kab-operator-certs";
+/// Field manager for KabStack status.
+pub const MANAGER_STATUS: &str = "kab-operator-status";
+/// Label every object kab manages carries.
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by=kab";
+const LABEL_STACK: &str = "kab.dev/stack";
+const LABEL_STACK_NS: &str = "kab.dev/stack-namespace";
+
+/// Operator settings.
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// Watch only this namespace (None: all namespaces).
+    pub namespace: Option<String>,
+    /// Directory of template overrides (by file name).
+    pub templates_dir: Option<std::path::PathBuf>,
+    /// Images and other render settings.
+    pub settings: Settings,
+    /// Stacks reconciled at once.
+    pub concurrency: u16,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self { namespace: None, templates_dir: None, settings: Settings::default(), concurrency: 16 }
+    }
+}
+
+/// A reconcile error: which step, which object, and the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the API server failed.
+    #[error("{step} {object}: {source}")]
+    Kube {
+        /// The pipeline step.
+        step: &'static str,
+        /// The object, `Kind ns/name`.
+        object: String,
+        /// The cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// The webhook certificates could not be issued.
+    #[error("certificates for {object}: {message}")]
+    Certificates {
+        /// The stack.
+        object: String,
+        /// The cause.
+        message: String,
+    },
+    /// The KabStack has no namespace (should never happen for a namespaced resource).
+    #[error("KabStack {0} has no namespace")]
+    NoNamespace(String),
+    /// The finalizer machinery failed.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    /// Short label for the failures metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube { step, .. } => step,
+            Error::Certificates { .. } => "certificates",
+            Error::NoNamespace(_) => "no_namespace",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+/// Reflector stores of everything the operator reads.
+#[derive(Clone)]
+struct Stores {
+    stacks: Store<KabStack>,
+    crds: Store<CustomResourceDefinition>,
+    deployments: Store<Deployment>,
+    statefulsets: Store<StatefulSet>,
+    pods: Store<Pod>,
+    secrets: Store<Secret>,
+    registrations: Store<PartialObjectMeta<ValidatingWebhookConfiguration>>,
+    service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    roles: Store<PartialObjectMeta<Role>>,
+    role_bindings: Store<PartialObjectMeta<RoleBinding>>,
+    config_maps: Store<PartialObjectMeta<ConfigMap>>,
+    services: Store<PartialObjectMeta<Service>>,
+    pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
+    network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
+}
+
+/// What kab last applied to a child, and the version of the object it produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Applied {
+    hash: u64,
+    version: String,
+}
+
+struct Ctx {
+    client: Client,
+    templates: Templates,
+    settings: Settings,
+    stores: Stores,
+    recorder: Recorder,
+    metrics: Arc<crate::metrics::Metrics>,
+    applied: Mutex<HashMap<String, Applied>>,
+    failures: Mutex<HashMap<ObjectRef<KabStack>, u32>>,
+}
+
+/// Runs the operator until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: OperatorConfig,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let templates = Templates::load(config.templates_dir.as_deref())?;
+    let ns = config.namespace.clone();
+    let stacks_api: Api<KabStack> = namespaced_or_all(&client, ns.as_deref());
+    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=kab");
+    let stack_pods = watcher::Config::default().labels(LABEL_STACK);
+
+    let controller = Controller::new(stacks_api, watcher::Config::default().any_semantic())
+        .with_config(ControllerConfig::default().concurrency(config.concurrency));
+    let stacks = controller.store();
+
+    let (crds, crd_stream) = typed(Api::all(client.clone()), managed.clone(), |c: &mut CustomResourceDefinition| {
+        c.managed_fields_mut().clear();
+    });
+    let (deployments, dep_stream) =
+        typed(namespaced_or_all(&client, ns.as_deref()), managed.clone(), |d: &mut Deployment| {
+            d.managed_fields_mut().clear();
+            d.spec.template = Default::default();
+        });
+    let (statefulsets, sts_stream) =
+        typed(namespaced_or_all(&client, ns.as_deref()), managed.clone(), |s: &mut StatefulSet| {
+            s.managed_fields_mut().clear();
+            s.spec.template = Default::default();
+            s.spec.volume_claim_templates = None;
+        });
+    let (pods, pod_stream) = typed(namespaced_or_all(&client, ns.as_deref()), stack_pods, |p: &mut Pod| {
+        p.managed_fields_mut().clear();
+        p.spec = None;
+    });
+    let (secrets, secret_stream) =
+        typed(namespaced_or_all(&client, ns.as_deref()), managed.clone(), |s: &mut Secret| {
+            s.managed_fields_mut().clear();
+        });
+    let (registrations, reg_stream) = meta(Api::all(client.clone()), managed.clone());
+    let (service_accounts, sa_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
+    let (roles, role_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
+    let (role_bindings, rb_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
+    let (config_maps, cm_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
+    let (services, svc_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
+    let (pdbs, pdb_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
+    let (network_policies, np_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
+
+    let stores = Stores {
+        stacks: stacks.clone(),
+        crds,
+        deployments,
+        statefulsets,
+        pods,
+        secrets,
+        registrations,
+        service_accounts,
+        roles,
+        role_bindings,
+        config_maps,
+        services,
+        pdbs,
+        network_policies,
+    };
+    let reporter = Reporter {
+        controller: "kab-operator".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        templates,
+        settings: config.settings.clone(),
+        stores,
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics,
+        applied: Mutex::new(HashMap::new()),
+        failures: Mutex::new(HashMap::new()),
+    });
+
+    let crd_stacks = stacks.clone();
+    let crd_mapper = move |crd: CustomResourceDefinition| {
+        let name = crd.name_any();
+        crd_stacks
+            .state()
+            .into_iter()
+            .filter(|s| s.spec.entity.crd_name() == name)
+            .map(|s| ObjectRef::from_obj(s.as_ref()))
+            .collect::<Vec<_>>()
+    };
+
+    controller
+        .watches_stream(crd_stream, crd_mapper)
+        .watches_stream(dep_stream, by_labels)
+        .watches_stream(sts_stream, by_labels)
+        .watches_stream(pod_stream, by_labels)
+        .watches_stream(secret_stream, by_labels)
+        .watches_stream(reg_stream, by_labels)
+        .watches_stream(sa_stream, by_labels)
+        .watches_stream(role_stream, by_labels)
+        .watches_stream(rb_stream, by_labels)
+        .watches_stream(cm_stream, by_labels)
+        .watches_stream(svc_stream, by_labels)
+        .watches_stream(pdb_stream, by_labels)
+        .watches_stream(np_stream, by_labels)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile error (reported by error_policy)");
+            }
+        })
+        .await;
+    Ok(())
+}
+
+fn namespaced_or_all<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+type WatchStream<K> = futures::stream::BoxStream<'static, Result<K, watcher::Error>>;
+
+/// A typed reflector whose cached objects are trimmed by `modify` (managedFields, pod templates).
+fn typed<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    modify: impl FnMut(&mut K) + Send + 'static,
+) -> (Store<K>, WatchStream<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(modify)
+        .reflect(writer)
+        .touched_objects()
+        .boxed();
+    (reader, stream)
+}
+
+/// A metadata-only reflector, for children whose body status does not read.
+fn meta<K>(
+    api: Api<PartialObjectMeta<K>>,
+    config: watcher::Config,
+) -> (Store<PartialObjectMeta<K>>, WatchStream<PartialObjectMeta<K>>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(|m: &mut PartialObjectMeta<K>| m.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects()
+        .boxed();
+    (reader, stream)
+}
+
+/// Maps a labelled child back to its stack.
+fn by_labels<K: Resource>(obj: K) -> Option<ObjectRef<KabStack>> {
+    let labels = obj.labels();
+    let name = labels.get(LABEL_STACK)?;
+    let ns = labels.get(LABEL_STACK_NS)?;
+    Some(ObjectRef::new(name).within(ns))
+}
+
+async fn reconcile(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let start = std::time::Instant::now();
+    let ns = stack.namespace().ok_or_else(|| Error::NoNamespace(stack.name_any()))?;
+    let api: Api<KabStack> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, stack, |event| async {
+        match event {
+            FinalizerEvent::Apply(stack) => apply(stack, ctx.clone()).await,
+            FinalizerEvent::Cleanup(stack) => cleanup(stack, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    });
+    ctx.metrics.observe_reconcile(start.elapsed(), result.as_ref().err().map(Error::metric_label));
+    ctx.metrics.set_phases(&ctx.stores.stacks.state());
+    result
+}
+
+fn error_policy(stack: Arc<KabStack>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    let key = ObjectRef::from_obj(stack.as_ref());
+    let n = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(n);
+    tracing::warn!(stack = %format!("{}/{}", stack.namespace().unwrap_or_default(), stack.name_any()), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Exponential backoff per stack: 1 s, 2 s, 4 s … capped at 5 minutes.
+fn backoff(failures: u32) -> Duration {
+    let secs = 1u64 << failures.saturating_sub(1).min(9);
+    Duration::from_secs(secs.min(300))
+}
+
+fn child_key(c: &Child) -> String {
+    format!(
+        "{}/{}/{}",
+        c.object.types.as_ref().map(|t| t.kind.as_str()).unwrap_or(""),
+        c.object.metadata.namespace.as_deref().unwrap_or(""),
+        c.object.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+fn hash_object(obj: &DynamicObject) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(obj).unwrap_or_default().hash(&mut h);
+    h.finish()
+}
+
+async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let ns = stack.namespace().ok_or_else(|| Error::NoNamespace(stack.name_any()))?;
+    let name = stack.name_any();
+    let now = Timestamp::now();
+    let names = render::names(&stack);
+    let entity = Some(stack.spec.entity.crd_name());
+
+    if stack.spec.paused {
+        let rows = observe_existing(&stack, &ctx);
+        let cert = cert_facts(&stack, &ctx, now);
+        write_status(&stack, &ctx, &Outcome::Paused, &rows, cert.as_ref(), entity, now).await?;
+        return Ok(Action::await_change());
+    }
+
+    if let Err(errors) = validate::validate(&stack) {
+        let outcome = Outcome::InvalidSpec(errors.to_string());
+        warn_once(&stack, &ctx, "InvalidSpec", &outcome).await;
+        write_status(&stack, &ctx, &outcome, &[], None, entity, now).await?;
+        return Ok(Action::await_change());
+    }
+
+    if let Some(message) = crd_conflict(&stack, &ctx).await? {
+        let outcome = Outcome::Conflict(message);
+        warn_once(&stack, &ctx, "Conflict", &outcome).await;
+        let rows = observe_existing(&stack, &ctx);
+        write_status(&stack, &ctx, &outcome, &rows, None, entity, now).await?;
+        // The other stack may go away or change: look again in a while.
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
+
+    // Certificates: generated once, stored in Secrets, read back, rotated only near expiry.
+    let policy = cert_policy(&stack);
+    let dns = certs::webhook_dns_names(&names.webhook, &ns);
+    let pki = pki_state(&ctx, &ns, &names);
+    let action = certs::plan(now, &pki, &policy, &dns);
+    let pki = if matches!(action, certs::Action::Keep) {
+        pki
+    } else {
+        let new = certs::execute(now, &pki, &policy, &dns, action).map_err(|e| Error::Certificates {
+            object: format!("KabStack {ns}/{name}"),
+            message: e.to_string(),
+        })?;
+        apply_secrets(&stack, &ctx, &new, &names).await?;
+        new
+    };
+
+    let facts = Facts { ca_bundle_pem: Some(certs::ca_bundle(&pki)) };
+    let rendered = match render::render(&ctx.templates, &stack, &ctx.settings, &facts) {
+        Ok(r) => r,
+        Err(e) => {
+            let outcome = Outcome::RenderFailed(e.to_string());
+            warn_once(&stack, &ctx, "RenderFailed", &outcome).await;
+            write_status(&stack, &ctx, &outcome, &[], None, entity, now).await?;
+            return Ok(Action::await_change());
+        }
+    };
+
+    // Everything but the registration at once; the registration once the webhook serves, so a
+    // `Fail` policy never blocks writes on a webhook that is not there yet.
+    let webhook_available = deployment_available(&ctx, &ns, &names.webhook);
+    let registered = ctx.stores.registrations.get(&ObjectRef::new(&names.registration)).is_some();
+    let todo: Vec<Child> = rendered
+        .children
+        .iter()
+        .filter(|c| c.step != Step::Registration || webhook_available || registered)
+        .cloned()
+        .collect();
+    let applies: Vec<_> = todo.into_iter().map(|c| apply_child(ctx.clone(), c)).collect();
+    let results: Vec<Result<(), Error>> = stream::iter(applies).buffer_unordered(8).collect().await;
+    let mut errors: Vec<Error> = results.into_iter().filter_map(Result::err).collect();
+    errors.extend(prune(&stack, &ctx, &rendered, &names).await);
+
+    let outcome = match errors.first() {
+        None => Outcome::Applied,
+        Some(e) => Outcome::ApplyFailed(e.to_string()),
+    };
+    let rows = observe(&stack, &ctx, &rendered, &names, webhook_available);
+    let cert = cert_facts_from(&pki, &policy);
+    write_status(&stack, &ctx, &outcome, &rows, cert.as_ref(), entity, now).await?;
+    if let Some(e) = errors.into_iter().next() {
+        warn_once(&stack, &ctx, "ApplyFailed", &outcome).await;
+        return Err(e);
+    }
+    ctx.failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&ObjectRef::from_obj(stack.as_ref()));
+
+    // Wake up for the certificate renewal; otherwise the watches say when something changed.
+    let mut next = Duration::from_secs(600);
+    if let Some(c) = &cert {
+        let until = c.renew_at.as_second() - now.as_second();
+        if until > 0 {
+            next = next.min(Duration::from_secs(until as u64 + 1));
+        } else {
+            next = Duration::from_secs(1);
+        }
+    }
+    Ok(Action::requeue(next))
+}
+
+/// Applies one child with server-side apply, unless it is unchanged since kab last applied it.
+async fn apply_child(ctx: Arc<Ctx>, child: Child) -> Result<(), Error> {
+    let child = &child;
+    let key = child_key(child);
+    let hash = hash_object(&child.object);
+    let current = observed_version(&ctx, child);
+    let last = ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+    if let (Some(last), Some(current)) = (&last, &current)
+        && last.hash == hash
+        && &last.version == current
+    {
+        return Ok(());
+    }
+    let name = child.object.metadata.name.clone().unwrap_or_default();
+    let api: Api<DynamicObject> = match (&child.object.metadata.namespace, child.namespaced) {
+        (Some(ns), true) => Api::namespaced_with(ctx.client.clone(), ns, &child.resource),
+        _ => Api::all_with(ctx.client.clone(), &child.resource),
+    };
+    let applied = api
+        .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&child.object))
+        .await
+        .map_err(|source| Error::Kube { step: step_name(child.step), object: describe(child), source })?;
+    let version = version_of(&child.resource.kind, &applied.metadata);
+    ctx.applied
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, Applied { hash, version });
+    Ok(())
+}
+
+/// Kinds whose status churns (workloads, CRDs) are compared by generation; others by
+/// resourceVersion.
+fn version_of(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    match kind {
+        "Deployment" | "StatefulSet" | "CustomResourceDefinition" => {
+            format!("g{}", meta.generation.unwrap_or_default())
+        }
+        _ => format!("r{}", meta.resource_version.clone().unwrap_or_default()),
+    }
+}
+
+fn observed_version(ctx: &Ctx, child: &Child) -> Option<String> {
+    let meta = observed_meta(ctx, &child.resource.kind, child.object.metadata.namespace.as_deref(), child.object.metadata.name.as_deref()?)?;
+    Some(version_of(&child.resource.kind, &meta))
+}
+
+fn observed_meta(
+    ctx: &Ctx,
+    kind: &str,
+    ns: Option<&str>,
+    name: &str,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> {
+    fn get<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, ns: Option<&str>, name: &str) -> Option<K> {
+        let r = match ns {
+            Some(ns) => ObjectRef::new(name).within(ns),
+            None => ObjectRef::new(name),
+        };
+        store.get(&r).map(|o| o.as_ref().clone())
+    }
+    let s = &ctx.stores;
+    Some(match kind {
+        "CustomResourceDefinition" => get(&s.crds, None, name)?.metadata,
+        "Deployment" => get(&s.deployments, ns, name)?.metadata,
+        "StatefulSet" => get(&s.statefulsets, ns, name)?.metadata,
+        "Secret" => get(&s.secrets, ns, name)?.metadata,
+        "ValidatingWebhookConfiguration" => get(&s.registrations, None, name)?.metadata,
+        "ServiceAccount" => get(&s.service_accounts, ns, name)?.metadata,
+        "Role" => get(&s.roles, ns, name)?.metadata,
+        "RoleBinding" => get(&s.role_bindings, ns, name)?.metadata,
+        "ConfigMap" => get(&s.config_maps, ns, name)?.metadata,
+        "Service" => get(&s.services, ns, name)?.metadata,
+        "PodDisruptionBudget" => get(&s.pdbs, ns, name)?.metadata,
+        "NetworkPolicy" => get(&s.network_policies, ns, name)?.metadata,
+        _ => return None,
+    })
+}
+
+fn step_name(step: Step) -> &'static str {
+    match step {
+        Step::Rbac => "apply RBAC",
+        Step::EntityApi => "apply entity CRD",
+        Step::Config => "apply config",
+        Step::Broker => "apply broker",
+        Step::Webhook => "apply webhook",
+        Step::Registration => "apply webhook registration",
+        Step::Controller => "apply entity controller",
+    }
+}
+
+fn describe(child: &Child) -> String {
+    let m = &child.object.metadata;
+    match &m.namespace {
+        Some(ns) if child.namespaced => format!("{} {}/{}", child.resource.kind, ns, m.name.as_deref().unwrap_or("")),
+        _ => format!("{} {}", child.resource.kind, m.name.as_deref().unwrap_or("")),
+    }
+}
+
+/// The two certificate Secrets, applied with their own field manager.
+async fn apply_secrets(stack: &KabStack, ctx: &Ctx, pki: &PkiState, names: &render::Names) -> Result<(), Error> {
+    let ns = stack.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut labels = render::stack_labels(stack);
+    labels.insert("app.kubernetes.io/component".into(), "webhook".into());
+    let owner = stack.controller_owner_ref(&());
+    for (name, type_, data) in [
+        (&names.webhook_ca_secret, "Opaque", pki.ca_secret_data()),
+        (&names.webhook_tls_secret, "kubernetes.io/tls", pki.tls_secret_data()),
+    ] {
+        let secret = Secret {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(ns.clone()),
+                labels: Some(labels.clone()),
+                owner_references: owner.clone().map(|o| vec![o]),
+                ..Default::default()
+            },
+            type_: Some(type_.into()),
+            data: Some(data),
+            ..Default::default()
+        };
+        let mut value = serde_json::to_value(&secret).unwrap_or_default();
+        value["apiVersion"] = "v1".into();
+        value["kind"] = "Secret".into();
+        api.patch(name, &PatchParams::apply(MANAGER_CERTS).force(), &Patch::Apply(&value))
+            .await
+            .map_err(|source| Error::Kube { step: "apply certificates", object: format!("Secret {ns}/{name}"), source })?;
+    }
+    Ok(())
+}
+
+fn pki_state(ctx: &Ctx, ns: &str, names: &render::Names) -> PkiState {
+    let get = |name: &str| ctx.stores.secrets.get(&ObjectRef::new(name).within(ns));
+    let ca = get(&names.webhook_ca_secret);
+    let tls = get(&names.webhook_tls_secret);
+    PkiState::from_secret_data(ca.as_ref().and_then(|s| s.data.as_ref()), tls.as_ref().and_then(|s| s.data.as_ref()))
+}
+
+fn cert_policy(stack: &KabStack) -> CertPolicy {
+    let c = &stack.spec.webhook.certificate;
+    // validate() checked both; fall back to the defaults rather than panic.
+    let validity = certs::parse_duration(&c.validity).unwrap_or(Duration::from_secs(2160 * 3600));
+    let renew_before = certs::parse_duration(&c.renew_before).unwrap_or(Duration::from_secs(720 * 3600));
+    CertPolicy { validity, renew_before }
+}
+
+fn cert_facts_from(pki: &PkiState, policy: &CertPolicy) -> Option<CertFacts> {
+    let serving = pki.serving.as_ref()?;
+    Some(CertFacts { not_after: serving.not_after, renew_at: certs::renew_at(serving, policy) })
+}
+
+fn cert_facts(stack: &KabStack, ctx: &Ctx, _now: Timestamp) -> Option<CertFacts> {
+    let ns = stack.namespace()?;
+    let names = render::names(stack);
+    cert_facts_from(&pki_state(ctx, &ns, &names), &cert_policy(stack))
+}
+
+/// Whether another stack declares the same entity differently, or the CRD exists unmanaged.
+async fn crd_conflict(stack: &KabStack, ctx: &Ctx) -> Result<Option<String>, Error> {
+    let crd_name = stack.spec.entity.crd_name();
+    let others: Vec<Arc<KabStack>> = ctx
+        .stores
+        .stacks
+        .state()
+        .into_iter()
+        .filter(|s| s.spec.entity.crd_name() == crd_name && s.metadata.deletion_timestamp.is_none())
+        .collect();
+    if let Some(message) = sharing_conflict(stack, &others) {
+        return Ok(Some(message));
+    }
+    if ctx.stores.crds.get(&ObjectRef::new(&crd_name)).is_none() {
+        // Not in our (label-filtered) cache: it may exist without kab's label.
+        let api: Api<PartialObjectMeta<CustomResourceDefinition>> = Api::all(ctx.client.clone());
+        if let Some(existing) = api
+            .get_metadata_opt(&crd_name)
+            .await
+            .map_err(|source| Error::Kube { step: "check entity CRD", object: format!("CustomResourceDefinition {crd_name}"), source })?
+            && existing.labels().get("app.kubernetes.io/managed-by").map(String::as_str) != Some("kab")
+        {
+            return Ok(Some(format!(
+                "CustomResourceDefinition {crd_name} already exists and is not managed by kab; kab never overwrites it. \
+                 Choose another entity group or kind, or delete that CRD if it is unused."
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// The entity declaration that must match for stacks to share a CRD (everything the CRD is
+/// rendered from, not the deletion policy).
+fn entity_fingerprint(stack: &KabStack) -> serde_json::Value {
+    let e = &stack.spec.entity;
+    serde_json::json!({
+        "group": e.group, "kind": e.kind, "plural": e.plural(), "singular": e.singular(),
+        "shortNames": e.short_names, "versions": e.versions,
+    })
+}
+
+/// Pure: among the stacks declaring this CRD, the oldest defines it; a stack declaring it
+/// differently is in conflict.
+pub fn sharing_conflict(stack: &KabStack, users: &[Arc<KabStack>]) -> Option<String> {
+    let key = |s: &KabStack| {
+        (
+            s.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(i64::MAX),
+            s.namespace().unwrap_or_default(),
+            s.name_any(),
+        )
+    };
+    let owner = users.iter().min_by_key(|s| key(s))?;
+    if owner.namespace() == stack.namespace() && owner.name_any() == stack.name_any() {
+        return None;
+    }
+    if entity_fingerprint(owner) == entity_fingerprint(stack) {
+        return None;
+    }
+    Some(format!(
+        "entity API {} is already declared by KabStack {}/{} with a different definition; \
+         stacks share an entity only with identical group, kind, names and versions (schemas). \
+         Make spec.entity identical to that stack's, or choose another group or kind",
+        stack.spec.entity.crd_name(),
+        owner.namespace().unwrap_or_default(),
+        owner.name_any()
+    ))
+}
+
+fn deployment_available(ctx: &Ctx, ns: &str, name: &str) -> bool {
+    ctx.stores
+        .deployments
+        .get(&ObjectRef::new(name).within(ns))
+        .and_then(|d| d.status.as_ref().and_then(|s| s.available_replicas))
+        .unwrap_or(0)
+        >= 1
+}
+
+/// Deletes children labelled for this stack that are no longer desired.
+async fn prune(stack: &KabStack, ctx: &Ctx, rendered: &Rendered, names: &render::Names) -> Vec<Error> {
+    let ns = stack.namespace().unwrap_or_default();
+    let name = stack.name_any();
+    let mut desired: HashSet<(String, String)> = rendered
+        .children
+        .iter()
+        .map(|c| (c.resource.kind.clone(), c.object.metadata.name.clone().unwrap_or_default()))
+        .collect();
+    desired.insert(("Secret".into(), names.webhook_ca_secret.clone()));
+    desired.insert(("Secret".into(), names.webhook_tls_secret.clone()));
+
+    let mine = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, cluster: bool| {
+        let l = m.labels.as_ref();
+        l.and_then(|l| l.get(LABEL_STACK)) == Some(&name)
+            && l.and_then(|l| l.get(LABEL_STACK_NS)) == Some(&ns)
+            && (cluster || m.namespace.as_deref() == Some(ns.as_str()))
+    };
+    let mut doomed: Vec<(String, Option<String>, String)> = Vec::new();
+    let s = &ctx.stores;
+    macro_rules! collect {
+        ($store:expr, $kind:expr, $cluster:expr) => {
+            for o in $store.state() {
+                let m = &o.metadata;
+                if mine(m, $cluster) && !desired.contains(&($kind.to_string(), m.name.clone().unwrap_or_default())) {
+                    doomed.push(($kind.to_string(), m.namespace.clone(), m.name.clone().unwrap_or_default()));
+                }
+            }
+        };
+    }
+    collect!(s.deployments, "Deployment", false);
+    collect!(s.statefulsets, "StatefulSet", false);
+    collect!(s.secrets, "Secret", false);
+    collect!(s.registrations, "ValidatingWebhookConfiguration", true);
+    collect!(s.service_accounts, "ServiceAccount", false);
+    collect!(s.roles, "Role", false);
+    collect!(s.role_bindings, "RoleBinding", false);
+    collect!(s.config_maps, "ConfigMap", false);
+    collect!(s.services, "Service", false);
+    collect!(s.pdbs, "PodDisruptionBudget", false);
+    collect!(s.network_policies, "NetworkPolicy", false);
+
+    let mut errors = Vec::new();
+    for (kind, obj_ns, obj_name) in doomed {
+        let Some(supported) = render::kinds().iter().find(|k| k.resource.kind == kind) else {
+            continue;
+        };
+        let (resource, namespaced) = (supported.resource.clone(), supported.namespaced);
+        let api: Api<DynamicObject> = match (&obj_ns, namespaced) {
+            (Some(n), true) => Api::namespaced_with(ctx.client.clone(), n, &resource),
+            _ => Api::all_with(ctx.client.clone(), &resource),
+        };
+        tracing::info!(kind, name = %obj_name, stack = %format!("{ns}/{name}"), "pruning a child no longer desired");
+        match api.delete(&obj_name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => errors.push(Error::Kube { step: "prune", object: format!("{kind} {obj_name}"), source }),
+        }
+    }
+    errors
+}
+
+/// Removes what garbage collection cannot: the webhook registration (first, so no namespace is
+/// left failing closed) and, when this was its last stack and the policy says so, the entity CRD.
+async fn cleanup(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let names = render::names(&stack);
+    let regs: Api<ValidatingWebhookConfiguration> = Api::all(ctx.client.clone());
+    match regs.delete(&names.registration, &DeleteParams::background()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(source) => {
+            return Err(Error::Kube {
+                step: "delete webhook registration",
+                object: format!("ValidatingWebhookConfiguration {}", names.registration),
+                source,
+            });
+        }
+    }
+    let crd_name = stack.spec.entity.crd_name();
+    let others = ctx
+        .stores
+        .stacks
+        .state()
+        .into_iter()
+        .filter(|s| {
+            s.spec.entity.crd_name() == crd_name
+                && s.metadata.deletion_timestamp.is_none()
+                && !(s.namespace() == stack.namespace() && s.name_any() == stack.name_any())
+        })
+        .count();
+    let policy_delete = stack.spec.entity.deletion_policy == crate::api::DeletionPolicy::Delete;
+    let ours = ctx.stores.crds.get(&ObjectRef::new(&crd_name)).is_some();
+    if policy_delete && others == 0 && ours {
+        let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
+        tracing::info!(crd = %crd_name, "deleting the entity CRD: its last stack is gone and deletionPolicy is Delete");
+        match crds.delete(&crd_name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Kube {
+                    step: "delete entity CRD",
+                    object: format!("CustomResourceDefinition {crd_name}"),
+                    source,
+                });
+            }
+        }
+    } else if others == 0 {
+        tracing::info!(crd = %crd_name, "keeping the entity CRD and its data (deletionPolicy Retain)");
+    }
+    Ok(Action::await_change())
+}
+
+/// Status rows for every desired child, from the watch caches.
+fn observe(stack: &KabStack, ctx: &Ctx, rendered: &Rendered, names: &render::Names, webhook_available: bool) -> Vec<Observed> {
+    let ns = stack.namespace().unwrap_or_default();
+    let mut rows: Vec<Observed> = rendered.children.iter().map(|c| observe_child(ctx, c, webhook_available)).collect();
+    for secret in [&names.webhook_ca_secret, &names.webhook_tls_secret] {
+        let exists = ctx.stores.secrets.get(&ObjectRef::new(secret).within(&ns)).is_some();
+        rows.push(Observed {
+            step: Step::Config,
+            kind: "Secret".into(),
+            name: format!("{ns}/{secret}"),
+            ready: exists,
+            failing: false,
+            message: if exists { "present".into() } else { "not created yet".into() },
+        });
+    }
+    rows
+}
+
+/// Rows for a stack that is not rendered this time (paused, conflict): what exists.
+fn observe_existing(stack: &KabStack, ctx: &Ctx) -> Vec<Observed> {
+    let facts = Facts { ca_bundle_pem: None };
+    match render::render(&ctx.templates, stack, &ctx.settings, &facts) {
+        Ok(r) => {
+            let names = render::names(stack);
+            let ns = stack.namespace().unwrap_or_default();
+            let available = deployment_available(ctx, &ns, &names.webhook);
+            observe(stack, ctx, &r, &names, available)
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+fn observe_child(ctx: &Ctx, child: &Child, webhook_available: bool) -> Observed {
+    let ns = child.object.metadata.namespace.clone().unwrap_or_default();
+    let name = child.object.metadata.name.clone().unwrap_or_default();
+    let display = if child.namespaced { format!("{ns}/{name}") } else { name.clone() };
+    let kind = child.resource.kind.clone();
+    let row = |ready: bool, failing: bool, message: String| Observed {
+        step: child.step,
+        kind: kind.clone(),
+        name: display.clone(),
+        ready,
+        failing,
+        message,
+    };
+    let s = &ctx.stores;
+    match kind.as_str() {
+        "CustomResourceDefinition" => match s.crds.get(&ObjectRef::new(&name)) {
+            None => row(false, false, "not created yet".into()),
+            Some(crd) => {
+                let conds = crd.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
+                let established = conds.iter().any(|c| c.type_ == "Established" && c.status == "True");
+                let names_rejected = conds.iter().find(|c| c.type_ == "NamesAccepted" && c.status == "False");
+                if let Some(c) = names_rejected {
+                    row(false, true, format!("names not accepted: {}", c.message.clone().unwrap_or_default()))
+                } else if established {
+                    let served: Vec<String> =
+                        crd.spec.versions.iter().filter(|v| v.served).map(|v| v.name.clone()).collect();
+                    row(true, false, format!("Established, serving {}", served.join(", ")))
+                } else {
+                    row(false, false, "not Established yet".into())
+                }
+            }
+        },
+        "Deployment" => match s.deployments.get(&ObjectRef::new(&name).within(&ns)) {
+            None => row(false, false, "not created yet".into()),
+            Some(d) => {
+                let (ready, failing, msg) = deployment_health(&d, &pods_of(ctx, &ns, child));
+                row(ready, failing, msg)
+            }
+        },
+        "StatefulSet" => match s.statefulsets.get(&ObjectRef::new(&name).within(&ns)) {
+            None => row(false, false, "not created yet".into()),
+            Some(st) => {
+                let (ready, failing, msg) = statefulset_health(&st, &pods_of(ctx, &ns, child));
+                row(ready, failing, msg)
+            }
+        },
+        "ValidatingWebhookConfiguration" => {
+            if s.registrations.get(&ObjectRef::new(&name)).is_some() {
+                row(true, false, "registered".into())
+            } else if webhook_available {
+                row(false, false, "not registered yet".into())
+            } else {
+                row(false, false, "waits for the webhook Deployment to be available before registering it".into())
+            }
+        }
+        other => {
+            let exists = observed_meta(ctx, other, child.namespaced.then_some(ns.as_str()), &name).is_some();
+            row(exists, false, if exists { "present".into() } else { "not created yet".into() })
+        }
+    }
+}
+
+/// Pods of a workload child: the stack's pods with the same component label.
+fn pods_of(ctx: &Ctx, ns: &str, child: &Child) -> Vec<Arc<Pod>> {
+    let labels = child.object.metadata.labels.clone().unwrap_or_default();
+    let stack = labels.get(LABEL_STACK).cloned();
+    let component = labels.get("app.kubernetes.io/component").cloned();
+    ctx.stores
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| {
+            let l = p.labels();
+            p.metadata.namespace.as_deref() == Some(ns)
+                && l.get(LABEL_STACK) == stack.as_ref()
+                && l.get("app.kubernetes.io/component") == component.as_ref()
+        })
+        .collect()
+}
+
+const FAILING_REASONS: [&str; 6] = [
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// The first failing pod, described: `pod x CrashLoopBackOff (3 restarts)`.
+pub fn failing_pod(pods: &[Arc<Pod>]) -> Option<String> {
+    let mut sorted: Vec<&Arc<Pod>> = pods.iter().collect();
+    sorted.sort_by_key(|p| p.name_any());
+    for p in sorted {
+        let Some(status) = &p.status else { continue };
+        for cs in status.container_statuses.iter().flatten() {
+            let waiting = cs.state.as_ref().and_then(|s| s.waiting.as_ref());
+            if let Some(w) = waiting
+                && let Some(reason) = &w.reason
+                && FAILING_REASONS.contains(&reason.as_str())
+            {
+                return Some(format!("pod {} {} ({} restarts)", p.name_any(), reason, cs.restart_count));
+            }
+        }
+        if status.phase.as_deref() == Some("Failed") {
+            return Some(format!("pod {} Failed: {}", p.name_any(), status.message.clone().unwrap_or_default()));
+        }
+    }
+    None
+}
+
+/// Pure: `(ready, failing, message)` of a Deployment and its pods.
+pub fn deployment_health(d: &Deployment, pods: &[Arc<Pod>]) -> (bool, bool, String) {
+    let desired = d.spec.replicas.unwrap_or(1);
+    let st = d.status.clone().unwrap_or_default();
+    let available = st.available_replicas.unwrap_or(0);
+    let updated = st.updated_replicas.unwrap_or(0);
+    let current = st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
+    let ready = current && available >= desired && updated >= desired;
+    let mut msg = format!("{available}/{desired} available");
+    if ready {
+        return (true, false, msg);
+    }
+    let deadline = st
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_.as_deref() == Some("Progressing") && c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+    let failing_pod = failing_pod(pods);
+    if let Some(p) = &failing_pod {
+        msg.push_str(": ");
+        msg.push_str(p);
+    } else if deadline.is_some() {
+        msg.push_str(": ProgressDeadlineExceeded");
+    } else if !current {
+        msg.push_str(": rollout not observed yet");
+    }
+    (false, failing_pod.is_some() || deadline.is_some(), msg)
+}
+
+/// Pure: `(ready, failing, message)` of a StatefulSet and its pods.
+pub fn statefulset_health(s: &StatefulSet, pods: &[Arc<Pod>]) -> (bool, bool, String) {
+    let desired = s.spec.replicas.unwrap_or(1);
+    let st = s.status.clone().unwrap_or_default();
+    let ready_n = st.ready_replicas.unwrap_or(0);
+    let current = st.observed_generation.unwrap_or(0) >= s.metadata.generation.unwrap_or(0);
+    let ready = current && ready_n >= desired;
+    let mut msg = format!("{ready_n}/{desired} ready");
+    if ready {
+        return (true, false, msg);
+    }
+    let failing_pod = failing_pod(pods);
+    if let Some(p) = &failing_pod {
+        msg.push_str(": ");
+        msg.push_str(p);
+    }
+    (false, failing_pod.is_some(), msg)
+}
+
+async fn write_status(
+    stack: &KabStack,
+    ctx: &Ctx,
+    outcome: &Outcome,
+    rows: &[Observed],
+    cert: Option<&CertFacts>,
+    entity: Option<String>,
+    now: Timestamp,
+) -> Result<(), Error> {
+    let new = status::compute(&status::Input { stack, outcome, children: rows, cert, entity, now });
+    if stack.status.as_ref() == Some(&new) {
+        return Ok(());
+    }
+    let ns = stack.namespace().unwrap_or_default();
+    let name = stack.name_any();
+    let api: Api<KabStack> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = serde_json::json!({
+        "apiVersion": format!("{}/{}", crate::api::GROUP, crate::api::VERSION),
+        "kind": "KabStack",
+        "status": new,
+    });
+    api.patch_status(&name, &PatchParams::apply(MANAGER_STATUS).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(|source| Error::Kube { step: "write status", object: format!("KabStack {ns}/{name}"), source })?;
+    Ok(())
+}
+
+/// Publishes a Warning Event when the Reconciled condition is about to change to this message,
+/// so a stack stuck on the same error does not flood the namespace with events.
+async fn warn_once(stack: &KabStack, ctx: &Ctx, reason: &str, outcome: &Outcome) {
+    let message = match outcome {
+        Outcome::InvalidSpec(m) | Outcome::Conflict(m) | Outcome::RenderFailed(m) | Outcome::ApplyFailed(m) => m.clone(),
+        _ => return,
+    };
+    let same = stack
+        .status
+        .as_ref()
+        .and_then(|s| status::condition(s, "Reconciled"))
+        .is_some_and(|c| c.reason == reason && c.message == message);
+    if same {
+        return;
+    }
+    let note: String = message.chars().take(1000).collect();
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &stack.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish a Warning event");
+    }
+}
+
+/// Creates the KabStack CRD if it is missing (used by `kab dev` and the tests; in a cluster the
+/// install manifests carry it).
+pub async fn ensure_crd(client: &Client) -> anyhow::Result<()> {
+    use kube::CustomResourceExt;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = KabStack::crd();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    api.patch(&name, &PatchParams::apply("kab-install").force(), &Patch::Apply(&crd)).await?;
+    kube::runtime::wait::await_condition(api, &name, kube::runtime::wait::conditions::is_crd_established())
+        .await?;
+    let _ = PostParams::default();
+    Ok(())
+}
+
+/// The status, for callers that only need to read it.
+pub fn ready(status: Option<&KabStackStatus>) -> bool {
+    status
+        .and_then(|s| status::condition(s, "Ready"))
+        .is_some_and(|c| c.status == "True")
+}
+
+#[allow(dead_code)]
+fn labels_map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::KabStackSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn stack(ns: &str, name: &str, created: &str, schema: serde_json::Value) -> Arc<KabStack> {
+        let spec: KabStackSpec = serde_json::from_value(serde_json::json!({
+            "entity": {"group": "todo.example.com", "kind": "Todo",
+                       "versions": [{"name": "v1", "schema": schema}]}
+        }))
+        .unwrap();
+        let mut s = KabStack::new(name, spec);
+        s.metadata.namespace = Some(ns.into());
+        s.metadata.creation_timestamp = Some(Time(created.parse().unwrap()));
+        Arc::new(s)
+    }
+
+    #[test]
+    fn stacks_with_the_same_entity_share_and_a_different_schema_conflicts() {
+        let a = stack("a", "todo", "2026-11-27T10:00:00Z", serde_json::json!({"type": "object"}));
+        let b = stack("b", "todo", "2026-11-27T11:00:00Z", serde_json::json!({"type": "object"}));
+        let c = stack("c", "todo", "2026-11-27T12:00:00Z", serde_json::json!({"type": "object", "properties": {"x": {"type": "string"}}}));
+        let users = vec![a.clone(), b.clone(), c.clone()];
+        assert_eq!(sharing_conflict(&a, &users), None);
+        assert_eq!(sharing_conflict(&b, &users), None);
+        let msg = sharing_conflict(&c, &users).unwrap();
+        assert!(msg.contains("KabStack a/todo"), "{msg}");
+        assert!(msg.contains("todos.todo.example.com"));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(50), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_crash_looping_pod_is_named() {
+        let d: Deployment = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "todo-webhook", "namespace": "shop", "generation": 1},
+            "spec": {"replicas": 2, "selector": {}, "template": {}},
+            "status": {"observedGeneration": 1, "availableReplicas": 1, "updatedReplicas": 2}
+        }))
+        .unwrap();
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "todo-webhook-abc", "namespace": "shop"},
+            "status": {"phase": "Running", "containerStatuses": [{
+                "name": "webhook", "image": "x", "imageID": "", "ready": false, "restartCount": 4,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}}
+            }]}
+        }))
+        .unwrap();
+        let (ready, failing, msg) = deployment_health(&d, &[Arc::new(pod)]);
+        assert!(!ready);
+        assert!(failing);
+        assert_eq!(msg, "1/2 available: pod todo-webhook-abc CrashLoopBackOff (4 restarts)");
+    }
+
+    #[test]
+    fn an_available_deployment_is_ready() {
+        let d: Deployment = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "todo-controller", "generation": 2},
+            "spec": {"replicas": 1, "selector": {}, "template": {}},
+            "status": {"observedGeneration": 2, "availableReplicas": 1, "updatedReplicas": 1}
+        }))
+        .unwrap();
+        assert_eq!(deployment_health(&d, &[]), (true, false, "1/1 available".to_string()));
+    }
+}
