@@ -102,11 +102,17 @@ pub struct EntitySpec {
     pub kind: String,
     /// Plural resource name (lowercase); defaults to the lowercased kind + `s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub plural: Option<String>,
     /// Singular resource name (lowercase); defaults to the lowercased kind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub singular: Option<String>,
     /// Short names for kubectl, e.g. `[td]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -137,7 +143,10 @@ pub struct EntitySpec {
 #[serde(rename_all = "camelCase")]
 pub struct EntityVersion {
     /// Version name, e.g. `v1`, `v1beta1`.
-    #[schemars(length(max = 63), regex(pattern = "^v[1-9][0-9]*((alpha|beta)[1-9][0-9]*)?$"))]
+    #[schemars(
+        length(max = 63),
+        regex(pattern = "^v[1-9][0-9]*((alpha|beta)[1-9][0-9]*)?$")
+    )]
     pub name: String,
     /// Whether the API server serves this version.
     #[serde(default = "yes")]
@@ -197,7 +206,10 @@ pub enum DeletionPolicy {
 ]))]
 pub struct BusinessRule {
     /// Name of the rule; denials name it.
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// The combination of these fields is unique among the entities of the namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -259,7 +271,11 @@ pub struct ControllerSpec {
 
 impl Default for ControllerSpec {
     fn default() -> Self {
-        Self { replicas: 1, subject_prefix: default_prefix(), notify: None }
+        Self {
+            replicas: 1,
+            subject_prefix: default_prefix(),
+            notify: None,
+        }
     }
 }
 
@@ -327,17 +343,26 @@ pub enum FailurePolicy {
 pub struct CertificateSpec {
     /// How long a serving certificate is valid.
     #[serde(default = "default_validity")]
-    #[schemars(regex(pattern = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"), length(min = 2, max = 16))]
+    #[schemars(
+        regex(pattern = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"),
+        length(min = 2, max = 16)
+    )]
     pub validity: String,
     /// Renew the serving certificate this long before it expires.
     #[serde(default = "default_renew_before")]
-    #[schemars(regex(pattern = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"), length(min = 2, max = 16))]
+    #[schemars(
+        regex(pattern = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"),
+        length(min = 2, max = 16)
+    )]
     pub renew_before: String,
 }
 
 impl Default for CertificateSpec {
     fn default() -> Self {
-        Self { validity: default_validity(), renew_before: default_renew_before() }
+        Self {
+            validity: default_validity(),
+            renew_before: default_renew_before(),
+        }
     }
 }
 
@@ -416,7 +441,10 @@ pub struct JetStreamSpec {
 
 impl Default for JetStreamSpec {
     fn default() -> Self {
-        Self { storage: JetStreamStorage::File, size: default_volume_size() }
+        Self {
+            storage: JetStreamStorage::File,
+            size: default_volume_size(),
+        }
     }
 }
 
@@ -511,7 +539,9 @@ pub struct KabStackStatus {
 }
 
 /// Phase of a stack.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
 pub enum Phase {
     /// Children are being created or are not ready yet.
     Progressing,
@@ -631,9 +661,19 @@ impl EntitySpec {
             return p.clone();
         }
         let k = self.kind.to_lowercase();
-        if k.ends_with('s') || k.ends_with('x') || k.ends_with('z') || k.ends_with("ch") || k.ends_with("sh") {
+        if k.ends_with('s')
+            || k.ends_with('x')
+            || k.ends_with('z')
+            || k.ends_with("ch")
+            || k.ends_with("sh")
+        {
             format!("{k}es")
-        } else if k.ends_with('y') && !k.ends_with("ay") && !k.ends_with("ey") && !k.ends_with("oy") && !k.ends_with("uy") {
+        } else if k.ends_with('y')
+            && !k.ends_with("ay")
+            && !k.ends_with("ey")
+            && !k.ends_with("oy")
+            && !k.ends_with("uy")
+        {
             format!("{}ies", &k[..k.len() - 1])
         } else {
             format!("{k}s")
@@ -642,7 +682,9 @@ impl EntitySpec {
 
     /// Singular resource name: explicit, or the lowercased kind.
     pub fn singular(&self) -> String {
-        self.singular.clone().unwrap_or_else(|| self.kind.to_lowercase())
+        self.singular
+            .clone()
+            .unwrap_or_else(|| self.kind.to_lowercase())
     }
 
     /// Name of the entity's CustomResourceDefinition, `<plural>.<group>`.
@@ -652,7 +694,11 @@ impl EntitySpec {
 
     /// The storage version: the one marked `storage: true`, or the only version.
     pub fn storage_version(&self) -> Option<&EntityVersion> {
-        let marked: Vec<_> = self.versions.iter().filter(|v| v.storage == Some(true)).collect();
+        let marked: Vec<_> = self
+            .versions
+            .iter()
+            .filter(|v| v.storage == Some(true))
+            .collect();
         match (marked.as_slice(), self.versions.as_slice()) {
             ([one], _) => Some(one),
             ([], [only]) => Some(only),
@@ -700,6 +746,9 @@ mod tests {
         assert_eq!(spec.entity.deletion_policy, DeletionPolicy::Retain);
         assert_eq!(spec.controller.subject_prefix, "kab");
         assert!(spec.entity.versions[0].served);
-        assert_eq!(spec.entity.storage_version().map(|v| v.name.as_str()), Some("v1"));
+        assert_eq!(
+            spec.entity.storage_version().map(|v| v.name.as_str()),
+            Some("v1")
+        );
     }
 }

@@ -9,9 +9,9 @@ use crate::plane::{Plane, PlaneOptions};
 use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::ResourceExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,14 +44,20 @@ fn step(msg: &str) {
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     let started = Instant::now();
 
     let text = match &args.file {
-        Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        Some(f) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
         None => SAMPLE_STACK.to_string(),
     };
-    let mut stack: KabStack = serde_saphyr::from_str(&text).context("the stack file is not a valid KabStack")?;
+    let mut stack: KabStack =
+        serde_saphyr::from_str(&text).context("the stack file is not a valid KabStack")?;
     if let Err(e) = crate::validate::validate(&stack) {
         anyhow::bail!("invalid KabStack: {e}");
     }
@@ -61,16 +67,30 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     let (plane, client, kubeconfig) = if args.use_kubeconfig {
         step("using the cluster in KUBECONFIG");
-        let client = kube::Client::try_default().await.context("connecting to the cluster in KUBECONFIG")?;
-        (None, client, std::env::var("KUBECONFIG").unwrap_or_else(|_| "~/.kube/config".into()))
-    } else {
-        step("starting a local control plane (etcd, kube-apiserver, controller-manager, scheduler, KWOK); the first run builds them from the Go module proxy, ~7 min");
-        let plane = Plane::start(PlaneOptions { keep_dir: true, ..PlaneOptions::default() })
+        let client = kube::Client::try_default()
             .await
-            .context("starting the local control plane")?;
+            .context("connecting to the cluster in KUBECONFIG")?;
+        (
+            None,
+            client,
+            std::env::var("KUBECONFIG").unwrap_or_else(|_| "~/.kube/config".into()),
+        )
+    } else {
+        step(
+            "starting a local control plane (etcd, kube-apiserver, controller-manager, scheduler, KWOK); the first run builds them from the Go module proxy, ~7 min",
+        );
+        let plane = Plane::start(PlaneOptions {
+            keep_dir: true,
+            ..PlaneOptions::default()
+        })
+        .await
+        .context("starting the local control plane")?;
         let client = plane.client();
         let kc = plane.kubeconfig_path().display().to_string();
-        step(&format!("control plane usable after {:.1} s", started.elapsed().as_secs_f64()));
+        step(&format!(
+            "control plane usable after {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
         (Some(plane), client, kc)
     };
 
@@ -95,20 +115,31 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "metadata": {"name": ns, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}
     });
     namespaces
-        .patch(&ns, &PatchParams::apply("kab-dev").force(), &Patch::Apply(&ns_obj))
+        .patch(
+            &ns,
+            &PatchParams::apply("kab-dev").force(),
+            &Patch::Apply(&ns_obj),
+        )
         .await
         .with_context(|| format!("creating namespace {ns}"))?;
     let stacks: Api<KabStack> = Api::namespaced(client.clone(), &ns);
     let mut body = serde_json::to_value(&stack)?;
     body["metadata"] = serde_json::json!({"name": name, "namespace": ns});
     stacks
-        .patch(&name, &PatchParams::apply("kab-dev").force(), &Patch::Apply(&body))
+        .patch(
+            &name,
+            &PatchParams::apply("kab-dev").force(),
+            &Patch::Apply(&body),
+        )
         .await
         .with_context(|| format!("applying KabStack {ns}/{name}"))?;
 
     let ready = wait_ready(&stacks, &name, Duration::from_secs(args.ready_timeout_secs)).await;
     match &ready {
-        Ok(()) => step(&format!("KabStack {ns}/{name} is Ready ({:.1} s after start)", started.elapsed().as_secs_f64())),
+        Ok(()) => step(&format!(
+            "KabStack {ns}/{name} is Ready ({:.1} s after start)",
+            started.elapsed().as_secs_f64()
+        )),
         Err(e) => eprintln!("!! {e:#}"),
     }
 
@@ -119,16 +150,34 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .map(|p| p.bin("kubectl").display().to_string())
         .unwrap_or_else(|| "kubectl".into());
     println!();
-    println!("kab is running{}.", if plane.is_some() { " on a local control plane" } else { "" });
+    println!(
+        "kab is running{}.",
+        if plane.is_some() {
+            " on a local control plane"
+        } else {
+            ""
+        }
+    );
     println!("  export KUBECONFIG={kubeconfig}");
     println!("  alias kubectl={kubectl}");
     println!("  kubectl get kabstacks -n {ns}                 # the stack and its health");
     println!("  kubectl get kabstack {name} -n {ns} -o yaml   # conditions and components");
-    println!("  kubectl get {plural}.{} -n {ns}               # the entity API", entity.group);
-    println!("  kubectl explain {plural}.spec --api-version={}/{}", entity.group,
-        entity.storage_version().map(|v| v.name.as_str()).unwrap_or("v1"));
+    println!(
+        "  kubectl get {plural}.{} -n {ns}               # the entity API",
+        entity.group
+    );
+    println!(
+        "  kubectl explain {plural}.spec --api-version={}/{}",
+        entity.group,
+        entity
+            .storage_version()
+            .map(|v| v.name.as_str())
+            .unwrap_or("v1")
+    );
     if plane.is_some() {
-        println!("Pods are simulated by KWOK on this local plane: the webhook, entity controller and broker");
+        println!(
+            "Pods are simulated by KWOK on this local plane: the webhook, entity controller and broker"
+        );
         println!("are scheduled and reported Ready, but their processes do not run here.");
     }
     if args.exit_when_ready {
@@ -152,9 +201,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 /// Waits on a watch until the stack is Ready, printing each phase change and what blocks it.
 pub async fn wait_ready(api: &Api<KabStack>, name: &str, timeout: Duration) -> anyhow::Result<()> {
     let mut last = String::new();
-    let stream = watcher(api.clone(), watcher::Config::default().fields(&format!("metadata.name={name}")))
-        .applied_objects()
-        .default_backoff();
+    let stream = watcher(
+        api.clone(),
+        watcher::Config::default().fields(&format!("metadata.name={name}")),
+    )
+    .applied_objects()
+    .default_backoff();
     futures::pin_mut!(stream);
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);

@@ -22,7 +22,9 @@ pub struct Grant {
     pub why: &'static str,
 }
 
-const CHILD_VERBS: &[&str] = &["get", "list", "watch", "create", "update", "patch", "delete"];
+const CHILD_VERBS: &[&str] = &[
+    "get", "list", "watch", "create", "update", "patch", "delete",
+];
 
 /// The operator's cluster-wide rules. No wildcards; each rule says why.
 pub const CLUSTER_GRANTS: &[Grant] = &[
@@ -175,7 +177,12 @@ fn yaml_rules(grants: &[Grant], out: &mut String) {
     out.push_str("rules:\n");
     for g in grants {
         out.push_str(&format!("  # {}\n", g.why));
-        let list = |v: &[&str]| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+        let list = |v: &[&str]| {
+            v.iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         out.push_str(&format!("  - apiGroups: [{}]\n", list(g.groups)));
         out.push_str(&format!("    resources: [{}]\n", list(g.resources)));
         out.push_str(&format!("    verbs: [{}]\n", list(g.verbs)));
@@ -185,7 +192,9 @@ fn yaml_rules(grants: &[Grant], out: &mut String) {
 /// The plain install as multi-document YAML, every RBAC rule commented with why.
 pub fn manifests(namespace: &str, image: &str) -> anyhow::Result<String> {
     let mut out = String::new();
-    out.push_str("# kab operator install: kab install --print | kubectl apply --server-side -f -\n");
+    out.push_str(
+        "# kab operator install: kab install --print | kubectl apply --server-side -f -\n",
+    );
     out.push_str(&crate::crd_yaml()?);
     let ns = json!({"apiVersion": "v1", "kind": "Namespace",
                     "metadata": {"name": namespace, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}});
@@ -210,7 +219,10 @@ pub fn manifests(namespace: &str, image: &str) -> anyhow::Result<String> {
     ));
     let mut spec = deployment_spec(image);
     // Outside OLM there is no olm.targetNamespaces annotation: watch every namespace.
-    if let Some(env) = spec.pointer_mut("/template/spec/containers/0/env").and_then(|e| e.as_array_mut()) {
+    if let Some(env) = spec
+        .pointer_mut("/template/spec/containers/0/env")
+        .and_then(|e| e.as_array_mut())
+    {
         env.retain(|e| e["name"] != "KAB_WATCH_NAMESPACE");
     }
     let deploy = json!({"apiVersion": "apps/v1", "kind": "Deployment",
@@ -233,7 +245,10 @@ mod tests {
             assert!(g.why.len() > 20, "rule on {:?} must say why", g.resources);
         }
         // escalate/bind only on namespaced Roles, never on ClusterRoles.
-        let escalating: Vec<_> = CLUSTER_GRANTS.iter().filter(|g| g.verbs.contains(&"escalate") || g.verbs.contains(&"bind")).collect();
+        let escalating: Vec<_> = CLUSTER_GRANTS
+            .iter()
+            .filter(|g| g.verbs.contains(&"escalate") || g.verbs.contains(&"bind"))
+            .collect();
         assert_eq!(escalating.len(), 1);
         assert_eq!(escalating[0].resources, &["roles"]);
     }
@@ -245,15 +260,29 @@ mod tests {
         let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
         assert_eq!(
             kinds,
-            ["CustomResourceDefinition", "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment"]
+            [
+                "CustomResourceDefinition",
+                "Namespace",
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+                "Deployment"
+            ]
         );
         for d in &docs {
             if let Some(role) = d.pointer("/roleRef/name") {
-                assert_eq!(role, NAME, "no binding to cluster-admin or any role but ours");
+                assert_eq!(
+                    role, NAME,
+                    "no binding to cluster-admin or any role but ours"
+                );
             }
         }
-        let cr: k8s_openapi::api::rbac::v1::ClusterRole = serde_json::from_value(docs[3].clone()).unwrap();
+        let cr: k8s_openapi::api::rbac::v1::ClusterRole =
+            serde_json::from_value(docs[3].clone()).unwrap();
         assert_eq!(cr.rules.unwrap().len(), CLUSTER_GRANTS.len());
-        let _: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(docs[7].clone()).unwrap();
+        let _: k8s_openapi::api::apps::v1::Deployment =
+            serde_json::from_value(docs[7].clone()).unwrap();
     }
 }

@@ -101,7 +101,9 @@ enum LogFormat {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -134,11 +136,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", kab::crd_yaml()?);
             Ok(())
         }
-        Command::Render { file, templates, namespace } => {
+        Command::Render {
+            file,
+            templates,
+            namespace,
+        } => {
             let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin()).context("reading the stack from standard input")?
+                std::io::read_to_string(std::io::stdin())
+                    .context("reading the stack from standard input")?
             } else {
-                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?
             };
             let mut stack: KabStack = serde_saphyr::from_str(&text)
                 .with_context(|| format!("{} is not a valid KabStack", file.display()))?;
@@ -149,13 +157,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("invalid KabStack {}: {e}", file.display());
             }
             let templates = Templates::load(templates.as_deref())?;
-            let rendered = render::render(&templates, &stack, &Settings::default(), &Facts { ca_bundle_pem: None })?;
+            let rendered = render::render(
+                &templates,
+                &stack,
+                &Settings::default(),
+                &Facts {
+                    ca_bundle_pem: None,
+                },
+            )?;
             print!("{}", render::to_yaml(&rendered));
             Ok(())
         }
         Command::Operator(args) => run_operator(args).await,
         Command::Dev(args) => kab::dev::run(args).await,
-        Command::Install { print: _, namespace, image } => {
+        Command::Install {
+            print: _,
+            namespace,
+            image,
+        } => {
             let image = image.unwrap_or_else(kab::install::operator_image);
             print!("{}", kab::install::manifests(&namespace, &image)?);
             Ok(())
@@ -192,7 +211,8 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
 
     let mut lease_lost: Option<tokio::sync::watch::Receiver<bool>> = None;
     if args.leader_elect {
-        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("kab-operator-{}", std::process::id()));
+        let identity = std::env::var("POD_NAME")
+            .unwrap_or_else(|_| format!("kab-operator-{}", std::process::id()));
         let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "kab-operator")
             .with_namespace(&args.lease_namespace)
             .with_identity(&identity)

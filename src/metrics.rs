@@ -43,13 +43,34 @@ impl Metrics {
         let mut registry = Registry::with_prefix("kab_operator");
         let reconciliations = Counter::default();
         let failures = Family::<ErrorLabels, Counter>::default();
-        let duration = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        let duration = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
         let stacks = Family::<PhaseLabels, Gauge>::default();
-        registry.register("reconciliations", "Reconciliations of KabStacks", reconciliations.clone());
-        registry.register("reconcile_failures", "Failed reconciliations by error", failures.clone());
-        registry.register("reconcile_duration_seconds", "Duration of one reconciliation", duration.clone());
+        registry.register(
+            "reconciliations",
+            "Reconciliations of KabStacks",
+            reconciliations.clone(),
+        );
+        registry.register(
+            "reconcile_failures",
+            "Failed reconciliations by error",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one reconciliation",
+            duration.clone(),
+        );
         registry.register("stacks", "KabStacks by phase", stacks.clone());
-        Self { registry, reconciliations, failures, duration, stacks, ready: AtomicBool::new(false) }
+        Self {
+            registry,
+            reconciliations,
+            failures,
+            duration,
+            stacks,
+            ready: AtomicBool::new(false),
+        }
     }
 
     /// Records one reconciliation.
@@ -57,7 +78,11 @@ impl Metrics {
         self.reconciliations.inc();
         self.duration.observe(took.as_secs_f64());
         if let Some(e) = error {
-            self.failures.get_or_create(&ErrorLabels { error: e.to_string() }).inc();
+            self.failures
+                .get_or_create(&ErrorLabels {
+                    error: e.to_string(),
+                })
+                .inc();
         }
     }
 
@@ -68,7 +93,11 @@ impl Metrics {
                 .iter()
                 .filter(|s| s.status.as_ref().and_then(|st| st.phase) == Some(phase))
                 .count();
-            self.stacks.get_or_create(&PhaseLabels { phase: phase.as_str().into() }).set(n as i64);
+            self.stacks
+                .get_or_create(&PhaseLabels {
+                    phase: phase.as_str().into(),
+                })
+                .set(n as i64);
         }
     }
 
@@ -130,8 +159,14 @@ mod tests {
         let m = Metrics::new();
         m.observe_reconcile(Duration::from_millis(20), Some("apply webhook"));
         let text = m.encode();
-        assert!(text.contains("kab_operator_reconciliations_total 1"), "{text}");
-        assert!(text.contains("kab_operator_reconcile_failures_total{error=\"apply webhook\"} 1"), "{text}");
+        assert!(
+            text.contains("kab_operator_reconciliations_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kab_operator_reconcile_failures_total{error=\"apply webhook\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("kab_operator_reconcile_duration_seconds_bucket"));
     }
 }

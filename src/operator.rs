@@ -20,13 +20,15 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PartialObjectMeta, PostParams};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams, PostParams,
+};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, watcher};
-use kube::runtime::WatchStreamExt;
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -63,7 +65,12 @@ pub struct OperatorConfig {
 
 impl Default for OperatorConfig {
     fn default() -> Self {
-        Self { namespace: None, templates_dir: None, settings: Settings::default(), concurrency: 16 }
+        Self {
+            namespace: None,
+            templates_dir: None,
+            settings: Settings::default(),
+            concurrency: 16,
+        }
     }
 }
 
@@ -163,36 +170,56 @@ pub async fn run(
         .with_config(ControllerConfig::default().concurrency(config.concurrency));
     let stacks = controller.store();
 
-    let (crds, crd_stream) = typed(Api::all(client.clone()), managed.clone(), |c: &mut CustomResourceDefinition| {
-        c.managed_fields_mut().clear();
-    });
-    let (deployments, dep_stream) =
-        typed(namespaced_or_all(&client, ns.as_deref()), managed.clone(), |d: &mut Deployment| {
+    let (crds, crd_stream) = typed(
+        Api::all(client.clone()),
+        managed.clone(),
+        |c: &mut CustomResourceDefinition| {
+            c.managed_fields_mut().clear();
+        },
+    );
+    let (deployments, dep_stream) = typed(
+        namespaced_or_all(&client, ns.as_deref()),
+        managed.clone(),
+        |d: &mut Deployment| {
             d.managed_fields_mut().clear();
             d.spec.template = Default::default();
-        });
-    let (statefulsets, sts_stream) =
-        typed(namespaced_or_all(&client, ns.as_deref()), managed.clone(), |s: &mut StatefulSet| {
+        },
+    );
+    let (statefulsets, sts_stream) = typed(
+        namespaced_or_all(&client, ns.as_deref()),
+        managed.clone(),
+        |s: &mut StatefulSet| {
             s.managed_fields_mut().clear();
             s.spec.template = Default::default();
             s.spec.volume_claim_templates = None;
-        });
-    let (pods, pod_stream) = typed(namespaced_or_all(&client, ns.as_deref()), stack_pods, |p: &mut Pod| {
-        p.managed_fields_mut().clear();
-        p.spec = None;
-    });
-    let (secrets, secret_stream) =
-        typed(namespaced_or_all(&client, ns.as_deref()), managed.clone(), |s: &mut Secret| {
+        },
+    );
+    let (pods, pod_stream) = typed(
+        namespaced_or_all(&client, ns.as_deref()),
+        stack_pods,
+        |p: &mut Pod| {
+            p.managed_fields_mut().clear();
+            p.spec = None;
+        },
+    );
+    let (secrets, secret_stream) = typed(
+        namespaced_or_all(&client, ns.as_deref()),
+        managed.clone(),
+        |s: &mut Secret| {
             s.managed_fields_mut().clear();
-        });
+        },
+    );
     let (registrations, reg_stream) = meta(Api::all(client.clone()), managed.clone());
-    let (service_accounts, sa_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
+    let (service_accounts, sa_stream) =
+        meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
     let (roles, role_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
-    let (role_bindings, rb_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
+    let (role_bindings, rb_stream) =
+        meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
     let (config_maps, cm_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
     let (services, svc_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
     let (pdbs, pdb_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
-    let (network_policies, np_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
+    let (network_policies, np_stream) =
+        meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
 
     let stores = Stores {
         stacks: stacks.clone(),
@@ -296,7 +323,10 @@ where
 fn meta<K>(
     api: Api<PartialObjectMeta<K>>,
     config: watcher::Config,
-) -> (Store<PartialObjectMeta<K>>, WatchStream<PartialObjectMeta<K>>)
+) -> (
+    Store<PartialObjectMeta<K>>,
+    WatchStream<PartialObjectMeta<K>>,
+)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
@@ -320,7 +350,9 @@ fn by_labels<K: Resource>(obj: K) -> Option<ObjectRef<KabStack>> {
 
 async fn reconcile(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let start = std::time::Instant::now();
-    let ns = stack.namespace().ok_or_else(|| Error::NoNamespace(stack.name_any()))?;
+    let ns = stack
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(stack.name_any()))?;
     let api: Api<KabStack> = Api::namespaced(ctx.client.clone(), &ns);
     let result = finalizer(&api, FINALIZER, stack, |event| async {
         match event {
@@ -330,10 +362,14 @@ async fn reconcile(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error>
     })
     .await
     .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(other.to_string()),
     });
-    ctx.metrics.observe_reconcile(start.elapsed(), result.as_ref().err().map(Error::metric_label));
+    ctx.metrics.observe_reconcile(
+        start.elapsed(),
+        result.as_ref().err().map(Error::metric_label),
+    );
     ctx.metrics.set_phases(&ctx.stores.stacks.state());
     result
 }
@@ -360,7 +396,11 @@ fn backoff(failures: u32) -> Duration {
 fn child_key(c: &Child) -> String {
     format!(
         "{}/{}/{}",
-        c.object.types.as_ref().map(|t| t.kind.as_str()).unwrap_or(""),
+        c.object
+            .types
+            .as_ref()
+            .map(|t| t.kind.as_str())
+            .unwrap_or(""),
         c.object.metadata.namespace.as_deref().unwrap_or(""),
         c.object.metadata.name.as_deref().unwrap_or("")
     )
@@ -373,7 +413,9 @@ fn hash_object(obj: &DynamicObject) -> u64 {
 }
 
 async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let ns = stack.namespace().ok_or_else(|| Error::NoNamespace(stack.name_any()))?;
+    let ns = stack
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(stack.name_any()))?;
     let name = stack.name_any();
     let now = Timestamp::now();
     let names = render::names(&stack);
@@ -382,7 +424,16 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     if stack.spec.paused {
         let rows = observe_existing(&stack, &ctx);
         let cert = cert_facts(&stack, &ctx, now);
-        write_status(&stack, &ctx, &Outcome::Paused, &rows, cert.as_ref(), entity, now).await?;
+        write_status(
+            &stack,
+            &ctx,
+            &Outcome::Paused,
+            &rows,
+            cert.as_ref(),
+            entity,
+            now,
+        )
+        .await?;
         return Ok(Action::await_change());
     }
 
@@ -410,15 +461,18 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let pki = if matches!(action, certs::Action::Keep) {
         pki
     } else {
-        let new = certs::execute(now, &pki, &policy, &dns, action).map_err(|e| Error::Certificates {
-            object: format!("KabStack {ns}/{name}"),
-            message: e.to_string(),
-        })?;
+        let new =
+            certs::execute(now, &pki, &policy, &dns, action).map_err(|e| Error::Certificates {
+                object: format!("KabStack {ns}/{name}"),
+                message: e.to_string(),
+            })?;
         apply_secrets(&stack, &ctx, &new, &names).await?;
         new
     };
 
-    let facts = Facts { ca_bundle_pem: Some(certs::ca_bundle(&pki)) };
+    let facts = Facts {
+        ca_bundle_pem: Some(certs::ca_bundle(&pki)),
+    };
     let rendered = match render::render(&ctx.templates, &stack, &ctx.settings, &facts) {
         Ok(r) => r,
         Err(e) => {
@@ -432,14 +486,21 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     // Everything but the registration at once; the registration once the webhook serves, so a
     // `Fail` policy never blocks writes on a webhook that is not there yet.
     let webhook_available = deployment_available(&ctx, &ns, &names.webhook);
-    let registered = ctx.stores.registrations.get(&ObjectRef::new(&names.registration)).is_some();
+    let registered = ctx
+        .stores
+        .registrations
+        .get(&ObjectRef::new(&names.registration))
+        .is_some();
     let todo: Vec<Child> = rendered
         .children
         .iter()
         .filter(|c| c.step != Step::Registration || webhook_available || registered)
         .cloned()
         .collect();
-    let applies: Vec<_> = todo.into_iter().map(|c| apply_child(ctx.clone(), c)).collect();
+    let applies: Vec<_> = todo
+        .into_iter()
+        .map(|c| apply_child(ctx.clone(), c))
+        .collect();
     let results: Vec<Result<(), Error>> = stream::iter(applies).buffer_unordered(8).collect().await;
     let mut errors: Vec<Error> = results.into_iter().filter_map(Result::err).collect();
     errors.extend(prune(&stack, &ctx, &rendered, &names).await);
@@ -479,7 +540,12 @@ async fn apply_child(ctx: Arc<Ctx>, child: Child) -> Result<(), Error> {
     let key = child_key(child);
     let hash = hash_object(&child.object);
     let current = observed_version(&ctx, child);
-    let last = ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+    let last = ctx
+        .applied
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .cloned();
     if let (Some(last), Some(current)) = (&last, &current)
         && last.hash == hash
         && &last.version == current
@@ -492,9 +558,17 @@ async fn apply_child(ctx: Arc<Ctx>, child: Child) -> Result<(), Error> {
         _ => Api::all_with(ctx.client.clone(), &child.resource),
     };
     let applied = api
-        .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&child.object))
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&child.object),
+        )
         .await
-        .map_err(|source| Error::Kube { step: step_name(child.step), object: describe(child), source })?;
+        .map_err(|source| Error::Kube {
+            step: step_name(child.step),
+            object: describe(child),
+            source,
+        })?;
     let version = version_of(&child.resource.kind, &applied.metadata);
     ctx.applied
         .lock()
@@ -505,7 +579,10 @@ async fn apply_child(ctx: Arc<Ctx>, child: Child) -> Result<(), Error> {
 
 /// Kinds whose status churns (workloads, CRDs) are compared by generation; others by
 /// resourceVersion.
-fn version_of(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+fn version_of(
+    kind: &str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> String {
     match kind {
         "Deployment" | "StatefulSet" | "CustomResourceDefinition" => {
             format!("g{}", meta.generation.unwrap_or_default())
@@ -515,7 +592,12 @@ fn version_of(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1:
 }
 
 fn observed_version(ctx: &Ctx, child: &Child) -> Option<String> {
-    let meta = observed_meta(ctx, &child.resource.kind, child.object.metadata.namespace.as_deref(), child.object.metadata.name.as_deref()?)?;
+    let meta = observed_meta(
+        ctx,
+        &child.resource.kind,
+        child.object.metadata.namespace.as_deref(),
+        child.object.metadata.name.as_deref()?,
+    )?;
     Some(version_of(&child.resource.kind, &meta))
 }
 
@@ -525,7 +607,11 @@ fn observed_meta(
     ns: Option<&str>,
     name: &str,
 ) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> {
-    fn get<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, ns: Option<&str>, name: &str) -> Option<K> {
+    fn get<K: Resource<DynamicType = ()> + Clone>(
+        store: &Store<K>,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Option<K> {
         let r = match ns {
             Some(ns) => ObjectRef::new(name).within(ns),
             None => ObjectRef::new(name),
@@ -565,13 +651,27 @@ fn step_name(step: Step) -> &'static str {
 fn describe(child: &Child) -> String {
     let m = &child.object.metadata;
     match &m.namespace {
-        Some(ns) if child.namespaced => format!("{} {}/{}", child.resource.kind, ns, m.name.as_deref().unwrap_or("")),
-        _ => format!("{} {}", child.resource.kind, m.name.as_deref().unwrap_or("")),
+        Some(ns) if child.namespaced => format!(
+            "{} {}/{}",
+            child.resource.kind,
+            ns,
+            m.name.as_deref().unwrap_or("")
+        ),
+        _ => format!(
+            "{} {}",
+            child.resource.kind,
+            m.name.as_deref().unwrap_or("")
+        ),
     }
 }
 
 /// The two certificate Secrets, applied with their own field manager.
-async fn apply_secrets(stack: &KabStack, ctx: &Ctx, pki: &PkiState, names: &render::Names) -> Result<(), Error> {
+async fn apply_secrets(
+    stack: &KabStack,
+    ctx: &Ctx,
+    pki: &PkiState,
+    names: &render::Names,
+) -> Result<(), Error> {
     let ns = stack.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let mut labels = render::stack_labels(stack);
@@ -579,7 +679,11 @@ async fn apply_secrets(stack: &KabStack, ctx: &Ctx, pki: &PkiState, names: &rend
     let owner = stack.controller_owner_ref(&());
     for (name, type_, data) in [
         (&names.webhook_ca_secret, "Opaque", pki.ca_secret_data()),
-        (&names.webhook_tls_secret, "kubernetes.io/tls", pki.tls_secret_data()),
+        (
+            &names.webhook_tls_secret,
+            "kubernetes.io/tls",
+            pki.tls_secret_data(),
+        ),
     ] {
         let secret = Secret {
             metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
@@ -596,9 +700,17 @@ async fn apply_secrets(stack: &KabStack, ctx: &Ctx, pki: &PkiState, names: &rend
         let mut value = serde_json::to_value(&secret).unwrap_or_default();
         value["apiVersion"] = "v1".into();
         value["kind"] = "Secret".into();
-        api.patch(name, &PatchParams::apply(MANAGER_CERTS).force(), &Patch::Apply(&value))
-            .await
-            .map_err(|source| Error::Kube { step: "apply certificates", object: format!("Secret {ns}/{name}"), source })?;
+        api.patch(
+            name,
+            &PatchParams::apply(MANAGER_CERTS).force(),
+            &Patch::Apply(&value),
+        )
+        .await
+        .map_err(|source| Error::Kube {
+            step: "apply certificates",
+            object: format!("Secret {ns}/{name}"),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -607,20 +719,30 @@ fn pki_state(ctx: &Ctx, ns: &str, names: &render::Names) -> PkiState {
     let get = |name: &str| ctx.stores.secrets.get(&ObjectRef::new(name).within(ns));
     let ca = get(&names.webhook_ca_secret);
     let tls = get(&names.webhook_tls_secret);
-    PkiState::from_secret_data(ca.as_ref().and_then(|s| s.data.as_ref()), tls.as_ref().and_then(|s| s.data.as_ref()))
+    PkiState::from_secret_data(
+        ca.as_ref().and_then(|s| s.data.as_ref()),
+        tls.as_ref().and_then(|s| s.data.as_ref()),
+    )
 }
 
 fn cert_policy(stack: &KabStack) -> CertPolicy {
     let c = &stack.spec.webhook.certificate;
     // validate() checked both; fall back to the defaults rather than panic.
     let validity = certs::parse_duration(&c.validity).unwrap_or(Duration::from_secs(2160 * 3600));
-    let renew_before = certs::parse_duration(&c.renew_before).unwrap_or(Duration::from_secs(720 * 3600));
-    CertPolicy { validity, renew_before }
+    let renew_before =
+        certs::parse_duration(&c.renew_before).unwrap_or(Duration::from_secs(720 * 3600));
+    CertPolicy {
+        validity,
+        renew_before,
+    }
 }
 
 fn cert_facts_from(pki: &PkiState, policy: &CertPolicy) -> Option<CertFacts> {
     let serving = pki.serving.as_ref()?;
-    Some(CertFacts { not_after: serving.not_after, renew_at: certs::renew_at(serving, policy) })
+    Some(CertFacts {
+        not_after: serving.not_after,
+        renew_at: certs::renew_at(serving, policy),
+    })
 }
 
 fn cert_facts(stack: &KabStack, ctx: &Ctx, _now: Timestamp) -> Option<CertFacts> {
@@ -645,11 +767,19 @@ async fn crd_conflict(stack: &KabStack, ctx: &Ctx) -> Result<Option<String>, Err
     if ctx.stores.crds.get(&ObjectRef::new(&crd_name)).is_none() {
         // Not in our (label-filtered) cache: it may exist without kab's label.
         let api: Api<PartialObjectMeta<CustomResourceDefinition>> = Api::all(ctx.client.clone());
-        if let Some(existing) = api
-            .get_metadata_opt(&crd_name)
-            .await
-            .map_err(|source| Error::Kube { step: "check entity CRD", object: format!("CustomResourceDefinition {crd_name}"), source })?
-            && existing.labels().get("app.kubernetes.io/managed-by").map(String::as_str) != Some("kab")
+        if let Some(existing) =
+            api.get_metadata_opt(&crd_name)
+                .await
+                .map_err(|source| Error::Kube {
+                    step: "check entity CRD",
+                    object: format!("CustomResourceDefinition {crd_name}"),
+                    source,
+                })?
+            && existing
+                .labels()
+                .get("app.kubernetes.io/managed-by")
+                .map(String::as_str)
+                != Some("kab")
         {
             return Ok(Some(format!(
                 "CustomResourceDefinition {crd_name} already exists and is not managed by kab; kab never overwrites it. \
@@ -675,7 +805,11 @@ fn entity_fingerprint(stack: &KabStack) -> serde_json::Value {
 pub fn sharing_conflict(stack: &KabStack, users: &[Arc<KabStack>]) -> Option<String> {
     let key = |s: &KabStack| {
         (
-            s.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(i64::MAX),
+            s.metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second())
+                .unwrap_or(i64::MAX),
             s.namespace().unwrap_or_default(),
             s.name_any(),
         )
@@ -707,13 +841,23 @@ fn deployment_available(ctx: &Ctx, ns: &str, name: &str) -> bool {
 }
 
 /// Deletes children labelled for this stack that are no longer desired.
-async fn prune(stack: &KabStack, ctx: &Ctx, rendered: &Rendered, names: &render::Names) -> Vec<Error> {
+async fn prune(
+    stack: &KabStack,
+    ctx: &Ctx,
+    rendered: &Rendered,
+    names: &render::Names,
+) -> Vec<Error> {
     let ns = stack.namespace().unwrap_or_default();
     let name = stack.name_any();
     let mut desired: HashSet<(String, String)> = rendered
         .children
         .iter()
-        .map(|c| (c.resource.kind.clone(), c.object.metadata.name.clone().unwrap_or_default()))
+        .map(|c| {
+            (
+                c.resource.kind.clone(),
+                c.object.metadata.name.clone().unwrap_or_default(),
+            )
+        })
         .collect();
     desired.insert(("Secret".into(), names.webhook_ca_secret.clone()));
     desired.insert(("Secret".into(), names.webhook_tls_secret.clone()));
@@ -730,8 +874,14 @@ async fn prune(stack: &KabStack, ctx: &Ctx, rendered: &Rendered, names: &render:
         ($store:expr, $kind:expr, $cluster:expr) => {
             for o in $store.state() {
                 let m = &o.metadata;
-                if mine(m, $cluster) && !desired.contains(&($kind.to_string(), m.name.clone().unwrap_or_default())) {
-                    doomed.push(($kind.to_string(), m.namespace.clone(), m.name.clone().unwrap_or_default()));
+                if mine(m, $cluster)
+                    && !desired.contains(&($kind.to_string(), m.name.clone().unwrap_or_default()))
+                {
+                    doomed.push((
+                        $kind.to_string(),
+                        m.namespace.clone(),
+                        m.name.clone().unwrap_or_default(),
+                    ));
                 }
             }
         };
@@ -762,7 +912,11 @@ async fn prune(stack: &KabStack, ctx: &Ctx, rendered: &Rendered, names: &render:
         match api.delete(&obj_name, &DeleteParams::background()).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(source) => errors.push(Error::Kube { step: "prune", object: format!("{kind} {obj_name}"), source }),
+            Err(source) => errors.push(Error::Kube {
+                step: "prune",
+                object: format!("{kind} {obj_name}"),
+                source,
+            }),
         }
     }
     errors
@@ -773,7 +927,10 @@ async fn prune(stack: &KabStack, ctx: &Ctx, rendered: &Rendered, names: &render:
 async fn cleanup(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let names = render::names(&stack);
     let regs: Api<ValidatingWebhookConfiguration> = Api::all(ctx.client.clone());
-    match regs.delete(&names.registration, &DeleteParams::background()).await {
+    match regs
+        .delete(&names.registration, &DeleteParams::background())
+        .await
+    {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(source) => {
@@ -819,18 +976,36 @@ async fn cleanup(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
 }
 
 /// Status rows for every desired child, from the watch caches.
-fn observe(stack: &KabStack, ctx: &Ctx, rendered: &Rendered, names: &render::Names, webhook_available: bool) -> Vec<Observed> {
+fn observe(
+    stack: &KabStack,
+    ctx: &Ctx,
+    rendered: &Rendered,
+    names: &render::Names,
+    webhook_available: bool,
+) -> Vec<Observed> {
     let ns = stack.namespace().unwrap_or_default();
-    let mut rows: Vec<Observed> = rendered.children.iter().map(|c| observe_child(ctx, c, webhook_available)).collect();
+    let mut rows: Vec<Observed> = rendered
+        .children
+        .iter()
+        .map(|c| observe_child(ctx, c, webhook_available))
+        .collect();
     for secret in [&names.webhook_ca_secret, &names.webhook_tls_secret] {
-        let exists = ctx.stores.secrets.get(&ObjectRef::new(secret).within(&ns)).is_some();
+        let exists = ctx
+            .stores
+            .secrets
+            .get(&ObjectRef::new(secret).within(&ns))
+            .is_some();
         rows.push(Observed {
             step: Step::Config,
             kind: "Secret".into(),
             name: format!("{ns}/{secret}"),
             ready: exists,
             failing: false,
-            message: if exists { "present".into() } else { "not created yet".into() },
+            message: if exists {
+                "present".into()
+            } else {
+                "not created yet".into()
+            },
         });
     }
     rows
@@ -838,7 +1013,9 @@ fn observe(stack: &KabStack, ctx: &Ctx, rendered: &Rendered, names: &render::Nam
 
 /// Rows for a stack that is not rendered this time (paused, conflict): what exists.
 fn observe_existing(stack: &KabStack, ctx: &Ctx) -> Vec<Observed> {
-    let facts = Facts { ca_bundle_pem: None };
+    let facts = Facts {
+        ca_bundle_pem: None,
+    };
     match render::render(&ctx.templates, stack, &ctx.settings, &facts) {
         Ok(r) => {
             let names = render::names(stack);
@@ -853,7 +1030,11 @@ fn observe_existing(stack: &KabStack, ctx: &Ctx) -> Vec<Observed> {
 fn observe_child(ctx: &Ctx, child: &Child, webhook_available: bool) -> Observed {
     let ns = child.object.metadata.namespace.clone().unwrap_or_default();
     let name = child.object.metadata.name.clone().unwrap_or_default();
-    let display = if child.namespaced { format!("{ns}/{name}") } else { name.clone() };
+    let display = if child.namespaced {
+        format!("{ns}/{name}")
+    } else {
+        name.clone()
+    };
     let kind = child.resource.kind.clone();
     let row = |ready: bool, failing: bool, message: String| Observed {
         step: child.step,
@@ -868,15 +1049,39 @@ fn observe_child(ctx: &Ctx, child: &Child, webhook_available: bool) -> Observed 
         "CustomResourceDefinition" => match s.crds.get(&ObjectRef::new(&name)) {
             None => row(false, false, "not created yet".into()),
             Some(crd) => {
-                let conds = crd.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
-                let established = conds.iter().any(|c| c.type_ == "Established" && c.status == "True");
-                let names_rejected = conds.iter().find(|c| c.type_ == "NamesAccepted" && c.status == "False");
+                let conds = crd
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.clone())
+                    .unwrap_or_default();
+                let established = conds
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                let names_rejected = conds
+                    .iter()
+                    .find(|c| c.type_ == "NamesAccepted" && c.status == "False");
                 if let Some(c) = names_rejected {
-                    row(false, true, format!("names not accepted: {}", c.message.clone().unwrap_or_default()))
+                    row(
+                        false,
+                        true,
+                        format!(
+                            "names not accepted: {}",
+                            c.message.clone().unwrap_or_default()
+                        ),
+                    )
                 } else if established {
-                    let served: Vec<String> =
-                        crd.spec.versions.iter().filter(|v| v.served).map(|v| v.name.clone()).collect();
-                    row(true, false, format!("Established, serving {}", served.join(", ")))
+                    let served: Vec<String> = crd
+                        .spec
+                        .versions
+                        .iter()
+                        .filter(|v| v.served)
+                        .map(|v| v.name.clone())
+                        .collect();
+                    row(
+                        true,
+                        false,
+                        format!("Established, serving {}", served.join(", ")),
+                    )
                 } else {
                     row(false, false, "not Established yet".into())
                 }
@@ -902,12 +1107,25 @@ fn observe_child(ctx: &Ctx, child: &Child, webhook_available: bool) -> Observed 
             } else if webhook_available {
                 row(false, false, "not registered yet".into())
             } else {
-                row(false, false, "waits for the webhook Deployment to be available before registering it".into())
+                row(
+                    false,
+                    false,
+                    "waits for the webhook Deployment to be available before registering it".into(),
+                )
             }
         }
         other => {
-            let exists = observed_meta(ctx, other, child.namespaced.then_some(ns.as_str()), &name).is_some();
-            row(exists, false, if exists { "present".into() } else { "not created yet".into() })
+            let exists =
+                observed_meta(ctx, other, child.namespaced.then_some(ns.as_str()), &name).is_some();
+            row(
+                exists,
+                false,
+                if exists {
+                    "present".into()
+                } else {
+                    "not created yet".into()
+                },
+            )
         }
     }
 }
@@ -951,14 +1169,44 @@ pub fn failing_pod(pods: &[Arc<Pod>]) -> Option<String> {
                 && let Some(reason) = &w.reason
                 && FAILING_REASONS.contains(&reason.as_str())
             {
-                return Some(format!("pod {} {} ({} restarts)", p.name_any(), reason, cs.restart_count));
+                return Some(format!(
+                    "pod {} {} ({} restarts)",
+                    p.name_any(),
+                    reason,
+                    cs.restart_count
+                ));
             }
         }
         if status.phase.as_deref() == Some("Failed") {
-            return Some(format!("pod {} Failed: {}", p.name_any(), status.message.clone().unwrap_or_default()));
+            return Some(format!(
+                "pod {} Failed: {}",
+                p.name_any(),
+                status.message.clone().unwrap_or_default()
+            ));
         }
     }
     None
+}
+
+/// The first pod that cannot be scheduled, described (not a failure: it may resolve itself).
+pub fn unscheduled_pod(pods: &[Arc<Pod>]) -> Option<String> {
+    let mut sorted: Vec<&Arc<Pod>> = pods.iter().collect();
+    sorted.sort_by_key(|p| p.name_any());
+    sorted.into_iter().find_map(|p| {
+        let c = p
+            .status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+        Some(format!(
+            "pod {} {}: {}",
+            p.name_any(),
+            c.reason.clone().unwrap_or_else(|| "Pending".into()),
+            c.message.clone().unwrap_or_default()
+        ))
+    })
 }
 
 /// Pure: `(ready, failing, message)` of a Deployment and its pods.
@@ -973,17 +1221,19 @@ pub fn deployment_health(d: &Deployment, pods: &[Arc<Pod>]) -> (bool, bool, Stri
     if ready {
         return (true, false, msg);
     }
-    let deadline = st
-        .conditions
-        .iter()
-        .flatten()
-        .find(|c| c.type_.as_deref() == Some("Progressing") && c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+    let deadline = st.conditions.iter().flatten().find(|c| {
+        c.type_.as_deref() == Some("Progressing")
+            && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+    });
     let failing_pod = failing_pod(pods);
     if let Some(p) = &failing_pod {
         msg.push_str(": ");
         msg.push_str(p);
     } else if deadline.is_some() {
         msg.push_str(": ProgressDeadlineExceeded");
+    } else if let Some(p) = unscheduled_pod(pods) {
+        msg.push_str(": ");
+        msg.push_str(&p);
     } else if !current {
         msg.push_str(": rollout not observed yet");
     }
@@ -1002,9 +1252,9 @@ pub fn statefulset_health(s: &StatefulSet, pods: &[Arc<Pod>]) -> (bool, bool, St
         return (true, false, msg);
     }
     let failing_pod = failing_pod(pods);
-    if let Some(p) = &failing_pod {
+    if let Some(p) = failing_pod.as_ref().cloned().or_else(|| unscheduled_pod(pods)) {
         msg.push_str(": ");
-        msg.push_str(p);
+        msg.push_str(&p);
     }
     (false, failing_pod.is_some(), msg)
 }
@@ -1018,7 +1268,14 @@ async fn write_status(
     entity: Option<String>,
     now: Timestamp,
 ) -> Result<(), Error> {
-    let new = status::compute(&status::Input { stack, outcome, children: rows, cert, entity, now });
+    let new = status::compute(&status::Input {
+        stack,
+        outcome,
+        children: rows,
+        cert,
+        entity,
+        now,
+    });
     if stack.status.as_ref() == Some(&new) {
         return Ok(());
     }
@@ -1030,9 +1287,17 @@ async fn write_status(
         "kind": "KabStack",
         "status": new,
     });
-    api.patch_status(&name, &PatchParams::apply(MANAGER_STATUS).force(), &Patch::Apply(&patch))
-        .await
-        .map_err(|source| Error::Kube { step: "write status", object: format!("KabStack {ns}/{name}"), source })?;
+    api.patch_status(
+        &name,
+        &PatchParams::apply(MANAGER_STATUS).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::Kube {
+        step: "write status",
+        object: format!("KabStack {ns}/{name}"),
+        source,
+    })?;
     Ok(())
 }
 
@@ -1040,7 +1305,10 @@ async fn write_status(
 /// so a stack stuck on the same error does not flood the namespace with events.
 async fn warn_once(stack: &KabStack, ctx: &Ctx, reason: &str, outcome: &Outcome) {
     let message = match outcome {
-        Outcome::InvalidSpec(m) | Outcome::Conflict(m) | Outcome::RenderFailed(m) | Outcome::ApplyFailed(m) => m.clone(),
+        Outcome::InvalidSpec(m)
+        | Outcome::Conflict(m)
+        | Outcome::RenderFailed(m)
+        | Outcome::ApplyFailed(m) => m.clone(),
         _ => return,
     };
     let same = stack
@@ -1071,9 +1339,18 @@ pub async fn ensure_crd(client: &Client) -> anyhow::Result<()> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = KabStack::crd();
     let name = crd.metadata.name.clone().unwrap_or_default();
-    api.patch(&name, &PatchParams::apply("kab-install").force(), &Patch::Apply(&crd)).await?;
-    kube::runtime::wait::await_condition(api, &name, kube::runtime::wait::conditions::is_crd_established())
-        .await?;
+    api.patch(
+        &name,
+        &PatchParams::apply("kab-install").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
+    kube::runtime::wait::await_condition(
+        api,
+        &name,
+        kube::runtime::wait::conditions::is_crd_established(),
+    )
+    .await?;
     let _ = PostParams::default();
     Ok(())
 }
@@ -1087,7 +1364,10 @@ pub fn ready(status: Option<&KabStackStatus>) -> bool {
 
 #[allow(dead_code)]
 fn labels_map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -1110,9 +1390,24 @@ mod tests {
 
     #[test]
     fn stacks_with_the_same_entity_share_and_a_different_schema_conflicts() {
-        let a = stack("a", "todo", "2026-11-27T10:00:00Z", serde_json::json!({"type": "object"}));
-        let b = stack("b", "todo", "2026-11-27T11:00:00Z", serde_json::json!({"type": "object"}));
-        let c = stack("c", "todo", "2026-11-27T12:00:00Z", serde_json::json!({"type": "object", "properties": {"x": {"type": "string"}}}));
+        let a = stack(
+            "a",
+            "todo",
+            "2026-11-27T10:00:00Z",
+            serde_json::json!({"type": "object"}),
+        );
+        let b = stack(
+            "b",
+            "todo",
+            "2026-11-27T11:00:00Z",
+            serde_json::json!({"type": "object"}),
+        );
+        let c = stack(
+            "c",
+            "todo",
+            "2026-11-27T12:00:00Z",
+            serde_json::json!({"type": "object", "properties": {"x": {"type": "string"}}}),
+        );
         let users = vec![a.clone(), b.clone(), c.clone()];
         assert_eq!(sharing_conflict(&a, &users), None);
         assert_eq!(sharing_conflict(&b, &users), None);
@@ -1148,7 +1443,10 @@ mod tests {
         let (ready, failing, msg) = deployment_health(&d, &[Arc::new(pod)]);
         assert!(!ready);
         assert!(failing);
-        assert_eq!(msg, "1/2 available: pod todo-webhook-abc CrashLoopBackOff (4 restarts)");
+        assert_eq!(
+            msg,
+            "1/2 available: pod todo-webhook-abc CrashLoopBackOff (4 restarts)"
+        );
     }
 
     #[test]
@@ -1159,6 +1457,9 @@ mod tests {
             "status": {"observedGeneration": 2, "availableReplicas": 1, "updatedReplicas": 1}
         }))
         .unwrap();
-        assert_eq!(deployment_health(&d, &[]), (true, false, "1/1 available".to_string()));
+        assert_eq!(
+            deployment_health(&d, &[]),
+            (true, false, "1/1 available".to_string())
+        );
     }
 }

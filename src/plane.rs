@@ -3,8 +3,10 @@
 //! [`Plane::start`] builds (once, cached) and runs etcd, kube-apiserver,
 //! kube-controller-manager, kube-scheduler and KWOK as local processes in a
 //! fresh directory with its own PKI and free loopback ports, creates one fake
-//! Node, and returns only when the cluster is really usable: `/readyz` is ok,
-//! the Node is Ready and a probe Deployment became Available.
+//! Node and a default StorageClass (PVCs are bound at once, so StatefulSets
+//! with `volumeClaimTemplates` run), and returns only when the cluster is
+//! really usable: `/readyz` is ok, the Node is Ready and a probe Deployment
+//! became Available.
 //!
 //! Components die with the owning process (PDEATHSIG), also on SIGKILL; a
 //! killed run leaves at most its directory, which the next start sweeps.
@@ -27,11 +29,13 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context as _, anyhow, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, GetParams, PostParams};
 use kube::runtime::wait::await_condition;
 use serde::Deserialize;
 use serde_json::json;
 
+pub use components::STORAGE_CLASS;
 use components::{APISERVER, CONTROLLER_MANAGER, ETCD, KWOK, Layout, Ports, SCHEDULER};
 pub use pki::{Ca, CertPair};
 pub use ports::free_port;
@@ -298,7 +302,11 @@ impl Plane {
         let mut procs = process_lock(&self.components);
         procs
             .iter_mut()
-            .filter_map(|p| p.exited().is_none().then(|| (p.name().to_string(), p.pid())))
+            .filter_map(|p| {
+                p.exited()
+                    .is_none()
+                    .then(|| (p.name().to_string(), p.pid()))
+            })
             .collect()
     }
 
@@ -322,7 +330,13 @@ impl Plane {
         );
         let file: String = user
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let path = self.layout.dir.join(format!("{file}.kubeconfig"));
         write_private(&path, &text)?;
@@ -342,9 +356,8 @@ impl Plane {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("reading {}", self.layout.audit_log.display())
-                });
+                return Err(e)
+                    .with_context(|| format!("reading {}", self.layout.audit_log.display()));
             }
         };
         parse_audit(&text)
@@ -424,9 +437,7 @@ fn parse_audit(text: &str) -> anyhow::Result<Vec<AuditEvent>> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("audit log line {}", i + 1))
-        })
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("audit log line {}", i + 1)))
         .collect()
 }
 
@@ -532,8 +543,7 @@ fn make_dir(base: &Path) -> anyhow::Result<PathBuf> {
 /// Copies the files of `from` (not recursive) into `dest` (created).
 fn copy_dir_files(from: &Path, dest: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
-    let entries =
-        std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))?;
+    let entries = std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))?;
     for entry in entries.flatten() {
         if entry.file_type().is_ok_and(|t| t.is_file()) {
             let to = dest.join(entry.file_name());
@@ -799,6 +809,10 @@ async fn run_start(
     .await?;
     let apiserver_ready = t0.elapsed();
 
+    create_storage_class(&client)
+        .await
+        .context("creating the default StorageClass")?;
+
     s.spawn(
         CONTROLLER_MANAGER,
         bin(bins, "kube-controller-manager")?,
@@ -855,6 +869,25 @@ async fn wait_readyz(client: &kube::Client) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The default StorageClass (see `tests/kwok/pvc-provision.yaml`): PVCs
+/// without a class get it and are bound at once by KWOK.
+async fn create_storage_class(client: &kube::Client) -> anyhow::Result<()> {
+    let classes: Api<StorageClass> = Api::all(client.clone());
+    let class: StorageClass = serde_json::from_value(json!({
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {
+            "name": components::STORAGE_CLASS,
+            "annotations": { "storageclass.kubernetes.io/is-default-class": "true" },
+        },
+        "provisioner": "kwok.x-k8s.io/volume",
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "Immediate",
+    }))?;
+    classes.create(&PostParams::default(), &class).await?;
+    Ok(())
 }
 
 /// The fake Node: no KWOK taint, big capacity, label `type=kwok`.
@@ -915,7 +948,10 @@ async fn create_node_and_wait(client: &kube::Client, pods: u32) -> anyhow::Resul
         .create(&PostParams::default(), &node)
         .await
         .context("creating the fake Node")?;
-    await_condition(nodes, NODE_NAME, |n: Option<&Node>| n.is_some_and(is_node_ready)).await?;
+    await_condition(nodes, NODE_NAME, |n: Option<&Node>| {
+        n.is_some_and(is_node_ready)
+    })
+    .await?;
     Ok(())
 }
 
@@ -993,7 +1029,12 @@ mod tests {
         let o = tmp.path().join("other");
         std::fs::create_dir_all(&k).unwrap();
         std::fs::create_dir_all(&o).unwrap();
-        for b in ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"] {
+        for b in [
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kubectl",
+        ] {
             std::fs::write(k.join(b), "").unwrap();
         }
         for b in ["etcd", "kwok", "nats-server"] {
@@ -1015,7 +1056,9 @@ mod tests {
         // pid 0x7fffffff is beyond pid_max: never alive.
         let dead = tmp.path().join(format!("{DIR_PREFIX}2147483647-1-0"));
         let kept = tmp.path().join(format!("{DIR_PREFIX}2147483647-1-1"));
-        let alive = tmp.path().join(format!("{DIR_PREFIX}{}-1-0", std::process::id()));
+        let alive = tmp
+            .path()
+            .join(format!("{DIR_PREFIX}{}-1-0", std::process::id()));
         let unrelated = tmp.path().join("something-else");
         for d in [&dead, &kept, &alive, &unrelated] {
             std::fs::create_dir_all(d.join("etcd-data")).unwrap();
@@ -1085,7 +1128,10 @@ mod tests {
         assert_eq!(events[0].verb, "create");
         assert_eq!(events[0].user.username, "kab-admin");
         let obj = events[0].object_ref.as_ref().unwrap();
-        assert_eq!((obj.resource.as_str(), obj.name.as_str()), ("configmaps", "c"));
+        assert_eq!(
+            (obj.resource.as_str(), obj.name.as_str()),
+            ("configmaps", "c")
+        );
         assert_eq!(events[0].response_status.as_ref().unwrap().code, 201);
         assert!(events[1].object_ref.is_none());
     }

@@ -88,22 +88,42 @@ struct Cond {
 }
 
 fn cond(type_: &'static str, ok: bool, reason: &str, message: impl Into<String>) -> Cond {
-    Cond { type_, ok, reason: reason.to_string(), message: message.into() }
+    Cond {
+        type_,
+        ok,
+        reason: reason.to_string(),
+        message: message.into(),
+    }
 }
 
 /// Readiness of the rows of one step: `(ready, reason, message)` naming the first blocker.
 fn step_state(children: &[Observed], step: Step, what: &str) -> (bool, String, String) {
     let rows: Vec<&Observed> = children.iter().filter(|c| c.step == step).collect();
     if rows.is_empty() {
-        return (false, "NotRendered".into(), format!("no {what} is rendered for this stack"));
+        return (
+            false,
+            "NotRendered".into(),
+            format!("no {what} is rendered for this stack"),
+        );
     }
     if let Some(r) = rows.iter().find(|r| r.failing) {
-        return (false, "Failing".into(), format!("{} {}: {}", r.kind, r.name, r.message));
+        return (
+            false,
+            "Failing".into(),
+            format!("{} {}: {}", r.kind, r.name, r.message),
+        );
     }
     if let Some(r) = rows.iter().find(|r| !r.ready) {
-        return (false, "Progressing".into(), format!("{} {}: {}", r.kind, r.name, r.message));
+        return (
+            false,
+            "Progressing".into(),
+            format!("{} {}: {}", r.kind, r.name, r.message),
+        );
     }
-    let names: Vec<String> = rows.iter().map(|r| format!("{} {}", r.kind, r.name)).collect();
+    let names: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{} {}", r.kind, r.name))
+        .collect();
     (true, "Ready".into(), format!("{} ready", names.join(", ")))
 }
 
@@ -115,8 +135,16 @@ pub fn compute(input: &Input<'_>) -> KabStackStatus {
     let mut conds: Vec<Cond> = Vec::with_capacity(CONDITION_TYPES.len());
 
     let (reconciled_ok, rec_reason, rec_msg) = match input.outcome {
-        Outcome::Applied => (true, "Applied", "every desired child is applied".to_string()),
-        Outcome::Paused => (false, "Paused", "spec.paused is true: kab makes no change".to_string()),
+        Outcome::Applied => (
+            true,
+            "Applied",
+            "every desired child is applied".to_string(),
+        ),
+        Outcome::Paused => (
+            false,
+            "Paused",
+            "spec.paused is true: kab makes no change".to_string(),
+        ),
         Outcome::InvalidSpec(m) => (false, "InvalidSpec", m.clone()),
         Outcome::Conflict(m) => (false, "Conflict", m.clone()),
         Outcome::RenderFailed(m) => (false, "RenderFailed", m.clone()),
@@ -138,11 +166,21 @@ pub fn compute(input: &Input<'_>) -> KabStackStatus {
         if !ok {
             cond("WebhookReady", false, &reason, msg)
         } else {
-            let (rok, rreason, rmsg) = step_state(input.children, Step::Registration, "webhook registration");
+            let (rok, rreason, rmsg) =
+                step_state(input.children, Step::Registration, "webhook registration");
             if rok {
                 cond("WebhookReady", true, "Ready", format!("{msg}; {rmsg}"))
             } else {
-                cond("WebhookReady", false, if rreason == "Failing" { "Failing" } else { "RegistrationPending" }, rmsg)
+                cond(
+                    "WebhookReady",
+                    false,
+                    if rreason == "Failing" {
+                        "Failing"
+                    } else {
+                        "RegistrationPending"
+                    },
+                    rmsg,
+                )
             }
         }
     };
@@ -163,7 +201,10 @@ pub fn compute(input: &Input<'_>) -> KabStackStatus {
             "BrokerReady",
             true,
             "External",
-            format!("using the external broker {}", spec.broker.url.as_deref().unwrap_or("(no url)")),
+            format!(
+                "using the external broker {}",
+                spec.broker.url.as_deref().unwrap_or("(no url)")
+            ),
         ),
         BrokerMode::Managed => {
             let (ok, reason, msg) = step_state(input.children, Step::Broker, "broker");
@@ -172,12 +213,20 @@ pub fn compute(input: &Input<'_>) -> KabStackStatus {
     };
 
     let certificate = match input.cert {
-        None => cond("CertificateValid", false, "NotIssued", "the webhook's serving certificate is not issued yet"),
+        None => cond(
+            "CertificateValid",
+            false,
+            "NotIssued",
+            "the webhook's serving certificate is not issued yet",
+        ),
         Some(c) if input.now >= c.not_after => cond(
             "CertificateValid",
             false,
             "Expired",
-            format!("the webhook's serving certificate expired at {}", c.not_after),
+            format!(
+                "the webhook's serving certificate expired at {}",
+                c.not_after
+            ),
         ),
         Some(c) => cond(
             "CertificateValid",
@@ -188,7 +237,12 @@ pub fn compute(input: &Input<'_>) -> KabStackStatus {
     };
 
     let paused = if spec.paused {
-        cond("Paused", true, "Paused", "spec.paused is true: kab reports status only")
+        cond(
+            "Paused",
+            true,
+            "Paused",
+            "spec.paused is true: kab reports status only",
+        )
     } else {
         cond("Paused", false, "Active", "kab reconciles this stack")
     };
@@ -197,7 +251,18 @@ pub fn compute(input: &Input<'_>) -> KabStackStatus {
     let ready = if !reconciled_ok {
         cond("Ready", false, rec_reason, rec_msg.clone())
     } else if let Some(blocker) = parts.iter().find(|c| !c.ok) {
-        cond("Ready", false, &format!("{}NotReady", blocker.type_.trim_end_matches("Ready").trim_end_matches("Valid")), blocker.message.clone())
+        cond(
+            "Ready",
+            false,
+            &format!(
+                "{}NotReady",
+                blocker
+                    .type_
+                    .trim_end_matches("Ready")
+                    .trim_end_matches("Valid")
+            ),
+            blocker.message.clone(),
+        )
     } else {
         cond("Ready", true, "Ready", "every part of the stack is ready")
     };
@@ -214,7 +279,10 @@ pub fn compute(input: &Input<'_>) -> KabStackStatus {
         Phase::Failed
     } else if ready.ok {
         Phase::Ready
-    } else if any_failing || matches!(input.outcome, Outcome::ApplyFailed(_)) || certificate.reason == "Expired" {
+    } else if any_failing
+        || matches!(input.outcome, Outcome::ApplyFailed(_))
+        || certificate.reason == "Expired"
+    {
         Phase::Degraded
     } else {
         Phase::Progressing
@@ -229,7 +297,11 @@ pub fn compute(input: &Input<'_>) -> KabStackStatus {
     conds.push(certificate);
     conds.push(paused);
 
-    let old = stack.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+    let old = stack
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or(&[]);
     let generation = stack.metadata.generation;
     let conditions = conds
         .into_iter()
@@ -242,7 +314,12 @@ pub fn compute(input: &Input<'_>) -> KabStackStatus {
         .map(|c| {
             (
                 c.step,
-                ComponentStatus { kind: c.kind.clone(), name: c.name.clone(), ready: c.ready, message: c.message.clone() },
+                ComponentStatus {
+                    kind: c.kind.clone(),
+                    name: c.name.clone(),
+                    ready: c.ready,
+                    message: c.message.clone(),
+                },
             )
         })
         .collect();
@@ -254,9 +331,10 @@ pub fn compute(input: &Input<'_>) -> KabStackStatus {
         entity: input.entity.clone(),
         conditions,
         components: components.into_iter().map(|(_, c)| c).collect(),
-        certificate: input
-            .cert
-            .map(|c| CertificateStatus { not_after: c.not_after.to_string(), renew_at: c.renew_at.to_string() }),
+        certificate: input.cert.map(|c| CertificateStatus {
+            not_after: c.not_after.to_string(),
+            renew_at: c.renew_at.to_string(),
+        }),
     }
 }
 
@@ -308,17 +386,66 @@ mod tests {
         }))
     }
 
-    fn row(step: Step, kind: &str, name: &str, ready: bool, failing: bool, message: &str) -> Observed {
-        Observed { step, kind: kind.into(), name: name.into(), ready, failing, message: message.into() }
+    fn row(
+        step: Step,
+        kind: &str,
+        name: &str,
+        ready: bool,
+        failing: bool,
+        message: &str,
+    ) -> Observed {
+        Observed {
+            step,
+            kind: kind.into(),
+            name: name.into(),
+            ready,
+            failing,
+            message: message.into(),
+        }
     }
 
     fn all_ready() -> Vec<Observed> {
         vec![
-            row(Step::EntityApi, "CustomResourceDefinition", "todos.todo.example.com", true, false, "Established"),
-            row(Step::Webhook, "Deployment", "shop/todo-webhook", true, false, "2/2 available"),
-            row(Step::Registration, "ValidatingWebhookConfiguration", "todo.shop.kab.dev", true, false, "registered"),
-            row(Step::Controller, "Deployment", "shop/todo-controller", true, false, "1/1 available"),
-            row(Step::Broker, "StatefulSet", "shop/todo-broker", true, false, "1/1 ready"),
+            row(
+                Step::EntityApi,
+                "CustomResourceDefinition",
+                "todos.todo.example.com",
+                true,
+                false,
+                "Established",
+            ),
+            row(
+                Step::Webhook,
+                "Deployment",
+                "shop/todo-webhook",
+                true,
+                false,
+                "2/2 available",
+            ),
+            row(
+                Step::Registration,
+                "ValidatingWebhookConfiguration",
+                "todo.shop.kab.dev",
+                true,
+                false,
+                "registered",
+            ),
+            row(
+                Step::Controller,
+                "Deployment",
+                "shop/todo-controller",
+                true,
+                false,
+                "1/1 available",
+            ),
+            row(
+                Step::Broker,
+                "StatefulSet",
+                "shop/todo-broker",
+                true,
+                false,
+                "1/1 ready",
+            ),
         ]
     }
 
@@ -327,11 +454,27 @@ mod tests {
     }
 
     fn cert() -> CertFacts {
-        CertFacts { not_after: "2027-02-25T12:00:00Z".parse().unwrap(), renew_at: "2027-01-26T12:00:00Z".parse().unwrap() }
+        CertFacts {
+            not_after: "2027-02-25T12:00:00Z".parse().unwrap(),
+            renew_at: "2027-01-26T12:00:00Z".parse().unwrap(),
+        }
     }
 
-    fn compute_for(s: &KabStack, outcome: Outcome, children: &[Observed], cert: Option<&CertFacts>, at: Timestamp) -> KabStackStatus {
-        compute(&Input { stack: s, outcome: &outcome, children, cert, entity: Some("todos.todo.example.com".into()), now: at })
+    fn compute_for(
+        s: &KabStack,
+        outcome: Outcome,
+        children: &[Observed],
+        cert: Option<&CertFacts>,
+        at: Timestamp,
+    ) -> KabStackStatus {
+        compute(&Input {
+            stack: s,
+            outcome: &outcome,
+            children,
+            cert,
+            entity: Some("todos.todo.example.com".into()),
+            now: at,
+        })
     }
 
     #[test]
@@ -363,9 +506,17 @@ mod tests {
         let ready = condition(&st, "Ready").unwrap();
         assert_eq!(ready.status, "False");
         assert_eq!(ready.reason, "WebhookNotReady");
-        assert!(ready.message.contains("shop/todo-webhook"), "{}", ready.message);
+        assert!(
+            ready.message.contains("shop/todo-webhook"),
+            "{}",
+            ready.message
+        );
         assert!(ready.message.contains("CrashLoopBackOff"));
-        let row = st.components.iter().find(|c| c.name == "shop/todo-webhook").unwrap();
+        let row = st
+            .components
+            .iter()
+            .find(|c| c.name == "shop/todo-webhook")
+            .unwrap();
         assert!(!row.ready);
     }
 
@@ -374,14 +525,19 @@ mod tests {
         let s = todo();
         let st = compute_for(
             &s,
-            Outcome::InvalidSpec("spec.rules[0].unique.fields[0]: spec.nope is not in the schema".into()),
+            Outcome::InvalidSpec(
+                "spec.rules[0].unique.fields[0]: spec.nope is not in the schema".into(),
+            ),
             &[],
             None,
             now(),
         );
         assert_eq!(st.phase, Some(Phase::Failed));
         let rec = condition(&st, "Reconciled").unwrap();
-        assert_eq!((rec.status.as_str(), rec.reason.as_str()), ("False", "InvalidSpec"));
+        assert_eq!(
+            (rec.status.as_str(), rec.reason.as_str()),
+            ("False", "InvalidSpec")
+        );
         assert!(rec.message.contains("spec.rules[0]"));
     }
 
@@ -392,7 +548,10 @@ mod tests {
         s.status = Some(first.clone());
         let later: Timestamp = "2026-11-27T12:05:00Z".parse().unwrap();
         let again = compute_for(&s, Outcome::Applied, &all_ready(), Some(&cert()), later);
-        assert_eq!(first, again, "an unchanged state must give an equal status (no write)");
+        assert_eq!(
+            first, again,
+            "an unchanged state must give an equal status (no write)"
+        );
 
         let mut rows = all_ready();
         rows[3].ready = false;
@@ -419,7 +578,10 @@ mod tests {
         ));
         let st = compute_for(&s, Outcome::Applied, &rows, Some(&cert()), now());
         let wh = condition(&st, "WebhookReady").unwrap();
-        assert_eq!((wh.status.as_str(), wh.reason.as_str()), ("False", "RegistrationPending"));
+        assert_eq!(
+            (wh.status.as_str(), wh.reason.as_str()),
+            ("False", "RegistrationPending")
+        );
         assert_eq!(st.phase, Some(Phase::Progressing));
     }
 
@@ -430,7 +592,10 @@ mod tests {
                        "versions": [{"name": "v1", "schema": {"type": "object"}}]},
             "broker": {"mode": "None"}
         }));
-        let rows: Vec<Observed> = all_ready().into_iter().filter(|r| r.step != Step::Broker).collect();
+        let rows: Vec<Observed> = all_ready()
+            .into_iter()
+            .filter(|r| r.step != Step::Broker)
+            .collect();
         let st = compute_for(&s, Outcome::Applied, &rows, Some(&cert()), now());
         let b = condition(&st, "BrokerReady").unwrap();
         assert_eq!(b.reason, "Disabled");
@@ -456,7 +621,10 @@ mod tests {
         let s = todo();
         let late: Timestamp = "2027-03-01T00:00:00Z".parse().unwrap();
         let st = compute_for(&s, Outcome::Applied, &all_ready(), Some(&cert()), late);
-        assert_eq!(condition(&st, "CertificateValid").unwrap().reason, "Expired");
+        assert_eq!(
+            condition(&st, "CertificateValid").unwrap().reason,
+            "Expired"
+        );
         assert_eq!(st.phase, Some(Phase::Degraded));
     }
 }

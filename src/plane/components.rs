@@ -50,7 +50,26 @@ pub const STAGES: &[(&str, &str)] = &[
         "pod-delete.yaml",
         include_str!("../../tests/kwok/pod-delete.yaml"),
     ),
+    (
+        "pvc-provision.yaml",
+        include_str!("../../tests/kwok/pvc-provision.yaml"),
+    ),
+    (
+        "pv-bind.yaml",
+        include_str!("../../tests/kwok/pv-bind.yaml"),
+    ),
+    (
+        "pvc-delete.yaml",
+        include_str!("../../tests/kwok/pvc-delete.yaml"),
+    ),
+    (
+        "pv-delete.yaml",
+        include_str!("../../tests/kwok/pv-delete.yaml"),
+    ),
 ];
+
+/// The default StorageClass the KWOK volume stages provision for.
+pub const STORAGE_CLASS: &str = "kwok-volume";
 
 /// The component names, in start order.
 pub const ETCD: &str = "etcd";
@@ -108,7 +127,10 @@ impl Layout {
     }
 
     pub fn stage_files(&self) -> Vec<PathBuf> {
-        STAGES.iter().map(|(name, _)| self.stages.join(name)).collect()
+        STAGES
+            .iter()
+            .map(|(name, _)| self.stages.join(name))
+            .collect()
     }
 }
 
@@ -203,11 +225,7 @@ pub fn kwok_args(l: &Layout) -> Vec<String> {
         format!("--cidr={POD_CIDR}"),
         "--node-ip=127.0.0.1".into(),
     ];
-    args.extend(
-        l.stage_files()
-            .iter()
-            .map(|f| format!("--config={}", p(f))),
-    );
+    args.extend(l.stage_files().iter().map(|f| format!("--config={}", p(f))));
     args
 }
 
@@ -242,7 +260,11 @@ mod tests {
             assert!(args.iter().any(|a| a == want), "{want} missing: {args:?}");
         }
         // ServiceAccount admission stays on: nothing disables admission plugins.
-        assert!(!args.iter().any(|a| a.starts_with("--disable-admission-plugins")));
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.starts_with("--disable-admission-plugins"))
+        );
     }
 
     #[test]
@@ -260,7 +282,11 @@ mod tests {
         }
         let sched = scheduler_args(&layout(), true);
         assert!(sched.iter().any(|a| a == "--kube-api-qps=400"));
-        assert!(!scheduler_args(&layout(), false).iter().any(|a| a.contains("qps")));
+        assert!(
+            !scheduler_args(&layout(), false)
+                .iter()
+                .any(|a| a.contains("qps"))
+        );
     }
 
     #[test]

@@ -79,7 +79,14 @@ mod tests {
 
     #[test]
     fn quotes_awkward_names() {
-        let text = render("a: b", "https://x", "", "system:serviceaccount:ns:op", "", "");
+        let text = render(
+            "a: b",
+            "https://x",
+            "",
+            "system:serviceaccount:ns:op",
+            "",
+            "",
+        );
         let kc = Kubeconfig::from_yaml(&text).unwrap();
         assert_eq!(kc.current_context.as_deref(), Some("a: b"));
         assert_eq!(kc.auth_infos[0].name, "system:serviceaccount:ns:op");

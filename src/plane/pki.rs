@@ -123,7 +123,8 @@ impl Ca {
         names: &[&str],
         usages: &[ExtendedKeyUsagePurpose],
     ) -> anyhow::Result<CertPair> {
-        let key = KeyPair::generate().with_context(|| format!("generating key for {common_name}"))?;
+        let key =
+            KeyPair::generate().with_context(|| format!("generating key for {common_name}"))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(common_name, organizations);
         params.subject_alt_names = names

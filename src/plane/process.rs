@@ -79,7 +79,14 @@ pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Process
     // SAFETY: only async-signal-safe libc calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             // The owner may have died between fork and prctl: then nobody will
@@ -285,7 +292,10 @@ mod tests {
         .unwrap();
         // The requesting thread is gone; PDEATHSIG is bound to the spawner thread,
         // so the child must still be alive.
-        assert!(p.exited().is_none(), "child died with its (short-lived) requesting thread");
+        assert!(
+            p.exited().is_none(),
+            "child died with its (short-lived) requesting thread"
+        );
         p.stop(Duration::from_secs(1));
     }
 

@@ -81,6 +81,7 @@ pub(super) fn build(
             "listKind": format!("{}List", entity.kind),
             "plural": plural,
             "singular": entity.singular(),
+            "hasShortNames": !entity.short_names.is_empty(),
             "shortNames": entity.short_names,
             "statusResource": format!("{plural}/status"),
             "finalizersResource": format!("{plural}/finalizers"),

@@ -3,9 +3,10 @@
 //! same objects.
 //!
 //! Each child comes from one handlebars template (`templates/*.yaml.hbs`, embedded in the binary,
-//! overridable by file name). Templates run in strict mode without HTML escaping, and place every
-//! value through `{{json …}}`, which writes it as one-line JSON (valid YAML flow syntax): a value
-//! arrives as data and can never add or change an object. A template that renders to nothing but
+//! overridable by file name). Templates run in strict mode (a missing variable is an error, in
+//! `{{#if}}` too) without HTML escaping, and place every value through `{{json …}}`, which writes
+//! it as one line of JSON (valid YAML flow syntax): a value arrives as data, whatever quotes, line
+//! breaks, `{{`, `---`, anchors or comments it holds, and can never add or change an object. A template that renders to nothing but
 //! whitespace and comments is a child that is not desired for this stack. After parsing, code (not
 //! templates) sets the labels, namespace and owner reference of every child, and checks it against
 //! its k8s-openapi type.

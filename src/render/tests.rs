@@ -1182,6 +1182,13 @@ fn unknown_override_files_are_named() {
 }
 
 #[test]
+fn templates_can_be_shared_between_reconciles() {
+    fn shared<T: Send + Sync + 'static>() {}
+    shared::<Templates>();
+    shared::<Rendered>();
+}
+
+#[test]
 fn template_files_are_listed_in_apply_order() {
     let files = template_files();
     assert_eq!(files.len(), 23);

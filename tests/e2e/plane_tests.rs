@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, PersistentVolumeClaim, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kab::plane::is_deployment_available;
+use kab::plane::{NODE_NAME, is_deployment_available, is_node_ready};
 use kube::ResourceExt as _;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::runtime::wait::conditions;
@@ -24,7 +24,9 @@ const KUBERNETES_VERSION: &str = "v1.37.2";
 
 pub fn tests() -> Vec<Test> {
     e2e_tests![
+        fake_node_is_ready_untainted_and_roomy,
         deployment_becomes_available,
+        statefulset_with_volume_claims_becomes_ready,
         crd_is_established_and_watchable,
         namespace_deletion_removes_everything,
         kubectl_and_server_report_the_built_version,
@@ -43,6 +45,37 @@ fn pod_ready(p: &Pod) -> Option<bool> {
     Some(ready.status == "True")
 }
 
+async fn fake_node_is_ready_untainted_and_roomy(ctx: Ctx) -> anyhow::Result<()> {
+    let nodes: Api<Node> = Api::all(ctx.client());
+    let node = nodes.get(NODE_NAME).await?;
+    ensure!(is_node_ready(&node), "node not Ready: {:?}", node.status);
+    ensure!(
+        node.labels().get("type").map(String::as_str) == Some("kwok"),
+        "labels: {:?}",
+        node.labels()
+    );
+    let taints = node.spec.as_ref().and_then(|s| s.taints.as_ref());
+    ensure!(taints.is_none_or(|t| t.is_empty()), "taints: {taints:?}");
+    let quantity = &node
+        .status
+        .as_ref()
+        .and_then(|s| s.allocatable.as_ref())
+        .and_then(|a| a.get("pods"))
+        .context("no allocatable pods")?
+        .0;
+    // The API server canonicalises 10000 to "10k".
+    let (digits, scale) = match quantity.strip_suffix('k') {
+        Some(d) => (d, 1_000),
+        None => (quantity.as_str(), 1),
+    };
+    let pods = digits
+        .parse::<u64>()
+        .with_context(|| format!("allocatable pods {quantity:?}"))?
+        * scale;
+    ensure!(pods >= 1000, "allocatable pods: {quantity}");
+    Ok(())
+}
+
 async fn deployment_becomes_available(ctx: Ctx) -> anyhow::Result<()> {
     let ns = ctx.namespace("deploy").await?;
     let api: Api<Deployment> = Api::namespaced(ctx.client(), &ns);
@@ -50,16 +83,52 @@ async fn deployment_becomes_available(ctx: Ctx) -> anyhow::Result<()> {
         .await?;
     let d = wait_for(&api, "web", available, Duration::from_secs(60)).await?;
     let status = d.status.context("no status")?;
-    ensure!(status.ready_replicas == Some(2), "ready replicas: {:?}", status.ready_replicas);
+    ensure!(
+        status.ready_replicas == Some(2),
+        "ready replicas: {:?}",
+        status.ready_replicas
+    );
 
     let pods: Api<Pod> = Api::namespaced(ctx.client(), &ns);
     let list = pods.list(&ListParams::default().labels("app=web")).await?;
     ensure!(list.items.len() == 2, "{} pods", list.items.len());
     for p in &list.items {
         let status = p.status.as_ref().context("pod without status")?;
-        ensure!(status.phase.as_deref() == Some("Running"), "{}: {:?}", p.name_any(), status.phase);
+        ensure!(
+            status.phase.as_deref() == Some("Running"),
+            "{}: {:?}",
+            p.name_any(),
+            status.phase
+        );
         ensure!(status.pod_ip.is_some(), "{} has no pod IP", p.name_any());
         ensure!(pod_ready(p) == Some(true), "{} not Ready", p.name_any());
+    }
+    Ok(())
+}
+
+async fn statefulset_with_volume_claims_becomes_ready(ctx: Ctx) -> anyhow::Result<()> {
+    let ns = ctx.namespace("sts").await?;
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client(), &ns);
+    api.create(&PostParams::default(), &fixtures::statefulset("db", 2))
+        .await?;
+    let ready = |s: Option<&StatefulSet>| {
+        s.and_then(|s| s.status.as_ref())
+            .is_some_and(|st| st.ready_replicas == Some(2) && st.available_replicas == Some(2))
+    };
+    wait_for(&api, "db", ready, Duration::from_secs(60)).await?;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client(), &ns);
+    for i in 0..2 {
+        let pvc = claims.get(&format!("data-db-{i}")).await?;
+        let phase = pvc.status.as_ref().and_then(|s| s.phase.as_deref());
+        ensure!(phase == Some("Bound"), "data-db-{i}: {phase:?}");
+        let class = pvc
+            .spec
+            .as_ref()
+            .and_then(|s| s.storage_class_name.as_deref());
+        ensure!(
+            class == Some(kab::plane::STORAGE_CLASS),
+            "data-db-{i} class {class:?}"
+        );
     }
     Ok(())
 }
@@ -92,7 +161,13 @@ async fn crd_is_established_and_watchable(ctx: Ctx) -> anyhow::Result<()> {
     }))?;
     let name = crd.name_any();
     crds.create(&PostParams::default(), &crd).await?;
-    wait_for(&crds, &name, conditions::is_crd_established(), Duration::from_secs(30)).await?;
+    wait_for(
+        &crds,
+        &name,
+        conditions::is_crd_established(),
+        Duration::from_secs(30),
+    )
+    .await?;
 
     let resource = ApiResource {
         group: group.into(),
@@ -120,7 +195,11 @@ async fn crd_is_established_and_watchable(ctx: Ctx) -> anyhow::Result<()> {
     })
     .await
     .context("timed out waiting for the Widget on the watch")??;
-    ensure!(got.data["spec"]["size"] == 3, "unexpected object: {:?}", got.data);
+    ensure!(
+        got.data["spec"]["size"] == 3,
+        "unexpected object: {:?}",
+        got.data
+    );
 
     crds.delete(&name, &DeleteParams::default()).await?;
     Ok(())
@@ -186,8 +265,11 @@ async fn crash_loop_pod_is_not_ready_while_a_normal_pod_is(ctx: Ctx) -> anyhow::
     let pods: Api<Pod> = Api::namespaced(ctx.client(), &ns);
     let pp = PostParams::default();
     pods.create(&pp, &fixtures::pod("healthy", &[])).await?;
-    pods.create(&pp, &fixtures::pod("crashing", &[(SIMULATE_LABEL, CRASH_LOOP)]))
-        .await?;
+    pods.create(
+        &pp,
+        &fixtures::pod("crashing", &[(SIMULATE_LABEL, CRASH_LOOP)]),
+    )
+    .await?;
 
     let healthy = wait_for(
         &pods,
@@ -196,7 +278,10 @@ async fn crash_loop_pod_is_not_ready_while_a_normal_pod_is(ctx: Ctx) -> anyhow::
         Duration::from_secs(60),
     )
     .await?;
-    ensure!(healthy.status.and_then(|s| s.pod_ip).is_some(), "healthy pod has no IP");
+    ensure!(
+        healthy.status.and_then(|s| s.pod_ip).is_some(),
+        "healthy pod has no IP"
+    );
 
     let crash_looping = |p: Option<&Pod>| {
         p.and_then(|p| p.status.as_ref())
@@ -212,7 +297,11 @@ async fn crash_loop_pod_is_not_ready_while_a_normal_pod_is(ctx: Ctx) -> anyhow::
     wait_for(&pods, "crashing", crash_looping, Duration::from_secs(60)).await?;
     // Read it again: nothing (e.g. the pod-ready stage) made it Ready since.
     let crashing = pods.get("crashing").await?;
-    ensure!(pod_ready(&crashing) == Some(false), "crashing pod: {:?}", crashing.status);
+    ensure!(
+        pod_ready(&crashing) == Some(false),
+        "crashing pod: {:?}",
+        crashing.status
+    );
     let phase = crashing.status.as_ref().and_then(|s| s.phase.as_deref());
     ensure!(phase == Some("Running"), "crashing pod phase: {phase:?}");
     Ok(())
@@ -245,7 +334,11 @@ async fn audit_log_records_writes_only(ctx: Ctx) -> anyhow::Result<()> {
                 .filter(|v| matches!(*v, "get" | "list" | "watch"))
                 .collect();
             ensure!(reads.is_empty(), "reads in the audit log: {reads:?}");
-            ensure!(events.iter().all(|e| e.stage == "ResponseComplete" || e.stage == "Panic"));
+            ensure!(
+                events
+                    .iter()
+                    .all(|e| e.stage == "ResponseComplete" || e.stage == "Panic")
+            );
             return Ok(());
         }
         if Instant::now() > deadline {

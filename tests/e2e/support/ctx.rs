@@ -194,7 +194,9 @@ impl Ctx {
             .clone();
         let plane = self.suite.plane.clone();
         let value = cell
-            .get_or_try_init(|| async move { Ok::<Shared, anyhow::Error>(Arc::new(init(plane).await?)) })
+            .get_or_try_init(
+                || async move { Ok::<Shared, anyhow::Error>(Arc::new(init(plane).await?)) },
+            )
             .await?
             .clone();
         value

@@ -117,6 +117,7 @@ const HELP: &str = "usage: cargo test --test e2e -- [FILTER...] [--exact] [--ski
 Runs the end-to-end tests against one local control plane.
   KAB_E2E_JOBS     tests run in parallel (default 4)
   KAB_E2E_TIMEOUT  seconds per test (default 180)
+  KAB_E2E_FAST_KCM=1  lift the controller manager's client limits (benchmarks)
   KAB_KEEP_PLANE=1 keep the plane directory after the run
 Other libtest flags (--nocapture, --test-threads, ...) are accepted and ignored.";
 
@@ -217,6 +218,7 @@ async fn run(tests: Vec<Test>, filtered_out: usize) -> ExitCode {
     let logs_dest = logs_destination();
     println!("\nrunning {} tests", tests.len());
     let opts = PlaneOptions {
+        fast_kcm: std::env::var("KAB_E2E_FAST_KCM").is_ok_and(|v| v == "1"),
         failure_logs_dir: Some(logs_dest.clone()),
         ..PlaneOptions::default()
     };
@@ -305,14 +307,17 @@ async fn run_tests(
     let mut queue = tests.into_iter();
     let mut running = JoinSet::new();
     let mut outcomes = Vec::new();
+    let mut names: Vec<String> = Vec::new(); // tests in flight
     loop {
         while running.len() < jobs {
             let Some(test) = queue.next() else { break };
+            names.push(test.name.clone());
             running.spawn(run_one(suite.clone(), test, default_timeout));
         }
         tokio::select! {
             joined = running.join_next() => match joined {
                 Some(Ok(outcome)) => {
+                    names.retain(|n| *n != outcome.name);
                     report(&outcome);
                     outcomes.push(outcome);
                 }
@@ -323,6 +328,9 @@ async fn run_tests(
                 eprintln!("e2e: {sig}: aborting the running tests");
                 running.abort_all();
                 while running.join_next().await.is_some() {}
+                for name in names {
+                    println!("test {name} ... interrupted");
+                }
                 return (outcomes, Some(sig));
             }
         }
@@ -389,9 +397,11 @@ fn logs_destination() -> PathBuf {
             (deps.file_name()? == "deps").then(|| deps.parent()?.parent().map(PathBuf::from))?
         })
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target
-        .join("e2e-logs")
-        .join(format!("{}-{}", utc_stamp(SystemTime::now()), std::process::id()))
+    target.join("e2e-logs").join(format!(
+        "{}-{}",
+        utc_stamp(SystemTime::now()),
+        std::process::id()
+    ))
 }
 
 /// `YYYY-MM-DDTHH-MM-SSZ` (file-name safe).

@@ -73,22 +73,23 @@ where
     };
     let result = tokio::time::timeout(timeout, watch).await;
     let kind = K::kind(&());
-    result.map_err(|_| {
-        let seen = match &last {
-            None => "nothing yet".to_string(),
-            Some(None) => "the object does not exist".to_string(),
-            Some(Some(obj)) => describe(obj),
-        };
-        let error = last_error
-            .map(|e| format!("\nlast watch error: {e}"))
-            .unwrap_or_default();
-        anyhow!(
-            "timed out after {}s waiting for {kind} {}{name}; last seen: {seen}{error}",
-            timeout.as_secs(),
-            api_namespace(&last)
-        )
-    })
-    .context(format!("waiting for {kind} {name}"))
+    result
+        .map_err(|_| {
+            let seen = match &last {
+                None => "nothing yet".to_string(),
+                Some(None) => "the object does not exist".to_string(),
+                Some(Some(obj)) => describe(obj),
+            };
+            let error = last_error
+                .map(|e| format!("\nlast watch error: {e}"))
+                .unwrap_or_default();
+            anyhow!(
+                "timed out after {}s waiting for {kind} {}{name}; last seen: {seen}{error}",
+                timeout.as_secs(),
+                api_namespace(&last)
+            )
+        })
+        .context(format!("waiting for {kind} {name}"))
 }
 
 fn api_namespace<K: Resource>(last: &Option<Option<K>>) -> String {
@@ -104,7 +105,10 @@ fn describe<K: Serialize>(obj: &K) -> String {
     let value = serde_json::to_value(obj).unwrap_or_default();
     let shown = value.get("status").unwrap_or(&value).to_string();
     if shown.len() > 3000 {
-        let cut = (0..=3000).rev().find(|i| shown.is_char_boundary(*i)).unwrap_or(0);
+        let cut = (0..=3000)
+            .rev()
+            .find(|i| shown.is_char_boundary(*i))
+            .unwrap_or(0);
         format!("{}…", &shown[..cut])
     } else {
         shown

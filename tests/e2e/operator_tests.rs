@@ -1,0 +1,1011 @@
+//! The operator against the real control plane: stacks become Ready, children heal, deletion
+//! cleans up, entities are shared, failures are named, invalid specs are refused or reported, an
+//! idle operator writes nothing. The operator runs as the built `kab` binary under exactly the
+//! RBAC `kab install --print` ships.
+
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret, Service};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kab::api::KabStack;
+use kab::plane::{Plane, Process};
+use kube::ResourceExt as _;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use crate::support::{Ctx, Test, e2e_tests, wait_deleted, wait_for};
+
+pub fn tests() -> Vec<Test> {
+    let mut tests = e2e_tests![
+        todo_stack_becomes_ready_with_every_child,
+        hand_edits_and_deletions_are_restored,
+        deleting_a_stack_removes_its_children_and_retains_the_entity_api,
+        deletion_policy_delete_removes_the_entity_api,
+        stacks_share_an_entity_api_and_a_different_schema_conflicts,
+        a_crash_looping_webhook_degrades_the_stack_and_recovers,
+        invalid_stacks_are_refused_or_reported,
+        paused_stack_is_left_alone,
+        no_private_key_in_logs_events_or_status,
+        installed_rbac_is_least_privilege,
+    ];
+    // Observes 60 s of idleness after Ready.
+    tests.push(
+        Test::new(
+            crate::support::qualified_name(module_path!(), "an_idle_operator_makes_no_writes"),
+            an_idle_operator_makes_no_writes,
+        )
+        .timeout(Duration::from_secs(300)),
+    );
+    tests
+}
+
+const OPERATOR_USER: &str = "system:serviceaccount:kab-system:kab-operator";
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The operator process, shared by every test of the run.
+pub struct Operator {
+    process: Mutex<Process>,
+}
+
+impl Operator {
+    fn log(&self) -> String {
+        let p = self.process.lock().unwrap_or_else(|p| p.into_inner());
+        std::fs::read_to_string(p.log_path()).unwrap_or_default()
+    }
+
+    fn alive(&self) -> bool {
+        let mut p = self.process.lock().unwrap_or_else(|p| p.into_inner());
+        p.exited().is_none()
+    }
+}
+
+/// Installs the CRD and the operator's RBAC exactly as shipped, and starts `kab operator` with
+/// an identity that has nothing but that RBAC.
+pub async fn operator(ctx: &Ctx) -> anyhow::Result<std::sync::Arc<Operator>> {
+    ctx.shared(|plane: std::sync::Arc<Plane>| async move {
+        let manifests =
+            kab::install::manifests(kab::install::NAMESPACE, "example.invalid/kab:e2e")?;
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&manifests)?;
+        // Everything but the Deployment: the operator runs here as a local process.
+        let kept: Vec<serde_json::Value> = docs
+            .into_iter()
+            .filter(|d| d["kind"] != "Deployment")
+            .collect();
+        let yaml = serde_saphyr::to_string_multiple(&kept)?;
+        kubectl_stdin(
+            &plane,
+            &[
+                "apply",
+                "--server-side",
+                "--field-manager=kab-install",
+                "-f",
+                "-",
+            ],
+            &yaml,
+        )?;
+        let crds: Api<CustomResourceDefinition> = Api::all(plane.client());
+        wait_for(
+            &crds,
+            "kabstacks.kab.dev",
+            kube::runtime::wait::conditions::is_crd_established(),
+            Duration::from_secs(30),
+        )
+        .await?;
+
+        let kubeconfig = plane.write_kubeconfig(
+            OPERATOR_USER,
+            &[
+                "system:serviceaccounts",
+                "system:serviceaccounts:kab-system",
+                "system:authenticated",
+            ],
+        )?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kab"));
+        cmd.args([
+            "operator",
+            "--leader-elect",
+            "--lease-namespace",
+            kab::install::NAMESPACE,
+        ])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info,kab=debug");
+        let process = plane.spawn("operator", cmd)?;
+        Ok(Operator {
+            process: Mutex::new(process),
+        })
+    })
+    .await
+}
+
+fn kubectl_stdin(plane: &Plane, args: &[&str], stdin: &str) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    let mut child = Command::new(plane.bin("kubectl"))
+        .args(args)
+        .env("KUBECONFIG", plane.kubeconfig_path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting kubectl")?;
+    child
+        .stdin
+        .take()
+        .context("kubectl stdin")?
+        .write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `examples/todo.yaml` in namespace `ns`, with an entity group of its own so that tests do not
+/// share entity APIs by accident.
+fn todo_stack(ns: &str, name: &str, group: &str) -> anyhow::Result<serde_json::Value> {
+    let mut v: serde_json::Value =
+        serde_saphyr::from_str(include_str!("../../examples/todo.yaml"))?;
+    v["metadata"] = json!({"name": name, "namespace": ns});
+    v["spec"]["entity"]["group"] = json!(group);
+    Ok(v)
+}
+
+fn group_for(ns: &str) -> String {
+    format!("{ns}.e2e.example.com")
+}
+
+async fn apply_stack(ctx: &Ctx, stack: &serde_json::Value) -> anyhow::Result<()> {
+    let ns = stack["metadata"]["namespace"]
+        .as_str()
+        .context("namespace")?;
+    let name = stack["metadata"]["name"].as_str().context("name")?;
+    let api: Api<KabStack> = Api::namespaced(ctx.client(), ns);
+    api.patch(
+        name,
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(stack),
+    )
+    .await
+    .with_context(|| format!("applying KabStack {ns}/{name}"))?;
+    Ok(())
+}
+
+fn condition(s: &KabStack, type_: &str) -> Option<(String, String, String)> {
+    let st = s.status.as_ref()?;
+    let c = kab::status::condition(st, type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn is_ready(s: Option<&KabStack>) -> bool {
+    s.is_some_and(|s| kab::operator::ready(s.status.as_ref()))
+}
+
+async fn wait_ready(ctx: &Ctx, ns: &str, name: &str) -> anyhow::Result<KabStack> {
+    let api: Api<KabStack> = Api::namespaced(ctx.client(), ns);
+    wait_for(&api, name, is_ready, READY_TIMEOUT)
+        .await
+        .with_context(|| format!("KabStack {ns}/{name} not Ready"))
+}
+
+/// A Ready todo stack in a fresh namespace: `(namespace, group)`.
+async fn ready_todo(ctx: &Ctx, prefix: &str) -> anyhow::Result<(String, String)> {
+    operator(ctx).await?;
+    let ns = ctx.namespace(prefix).await?;
+    let group = group_for(&ns);
+    apply_stack(ctx, &todo_stack(&ns, "todo", &group)?).await?;
+    wait_ready(ctx, &ns, "todo").await?;
+    Ok((ns, group))
+}
+
+async fn todo_stack_becomes_ready_with_every_child(ctx: Ctx) -> anyhow::Result<()> {
+    let (ns, group) = ready_todo(&ctx, "ready").await?;
+    let client = ctx.client();
+    let stack = Api::<KabStack>::namespaced(client.clone(), &ns)
+        .get("todo")
+        .await?;
+    let status = stack.status.clone().context("status")?;
+    ensure!(
+        status.phase == Some(kab::api::Phase::Ready),
+        "phase {:?}",
+        status.phase
+    );
+    ensure!(status.observed_generation == stack.metadata.generation);
+    for t in [
+        "Ready",
+        "Reconciled",
+        "EntityAPIReady",
+        "WebhookReady",
+        "ControllerReady",
+        "BrokerReady",
+        "CertificateValid",
+    ] {
+        let (s, reason, msg) = condition(&stack, t).with_context(|| format!("no {t} condition"))?;
+        ensure!(s == "True", "{t} is {s} ({reason}: {msg})");
+    }
+    ensure!(condition(&stack, "Paused").map(|c| c.0) == Some("False".into()));
+    ensure!(
+        status.components.iter().all(|c| c.ready),
+        "not all components ready: {:?}",
+        status.components
+    );
+    ensure!(status.certificate.is_some(), "no certificate in status");
+
+    // Every child exists and is what it should be.
+    let crd = Api::<CustomResourceDefinition>::all(client.clone())
+        .get(&format!("todos.{group}"))
+        .await?;
+    ensure!(crd.spec.scope == "Namespaced");
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    for (name, replicas) in [("todo-webhook", 2), ("todo-controller", 1)] {
+        let d = deps.get(name).await?;
+        ensure!(
+            d.status.and_then(|s| s.available_replicas) == Some(replicas),
+            "{name} not {replicas}/{replicas} available"
+        );
+    }
+    let sts = Api::<StatefulSet>::namespaced(client.clone(), &ns)
+        .get("todo-broker")
+        .await?;
+    ensure!(
+        sts.spec
+            .volume_claim_templates
+            .is_some_and(|v| !v.is_empty()),
+        "File storage without a PVC template"
+    );
+    let reg = Api::<ValidatingWebhookConfiguration>::all(client.clone())
+        .get(&format!("todo.{ns}.kab.dev"))
+        .await?;
+    let hook = reg
+        .webhooks
+        .as_ref()
+        .and_then(|w| w.first())
+        .context("no webhook entry")?;
+    ensure!(
+        hook.client_config
+            .ca_bundle
+            .as_ref()
+            .is_some_and(|b| !b.0.is_empty()),
+        "no caBundle"
+    );
+    let selector = serde_json::to_string(&hook.namespace_selector)?;
+    ensure!(
+        selector.contains(&ns) && selector.contains("kubernetes.io/metadata.name"),
+        "namespaceSelector {selector}"
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let tls = secrets.get("todo-webhook-tls").await?;
+    ensure!(tls.type_.as_deref() == Some("kubernetes.io/tls"));
+    for name in [
+        "todo-webhook",
+        "todo-controller",
+        "todo-reader",
+        "todo-writer",
+    ] {
+        Api::<Role>::namespaced(client.clone(), &ns)
+            .get(name)
+            .await
+            .with_context(|| format!("Role {name}"))?;
+    }
+
+    // kubectl shows the printer columns.
+    let out = ctx.kubectl(["get", "kabstacks", "-n", &ns]).await?;
+    let header = out.lines().next().unwrap_or_default();
+    for col in ["NAME", "READY", "PHASE", "ENTITY", "AGE"] {
+        ensure!(header.contains(col), "no {col} column in:\n{out}");
+    }
+    let row = out.lines().nth(1).unwrap_or_default();
+    ensure!(
+        row.contains("True") && row.contains("Ready") && row.contains(&format!("todos.{group}")),
+        "row: {row}"
+    );
+    Ok(())
+}
+
+async fn hand_edits_and_deletions_are_restored(ctx: Ctx) -> anyhow::Result<()> {
+    let (ns, _) = ready_todo(&ctx, "heal").await?;
+    let client = ctx.client();
+    let t = Duration::from_secs(30);
+
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let old_uid = deps.get("todo-controller").await?.uid();
+    deps.delete("todo-controller", &DeleteParams::foreground())
+        .await?;
+    wait_for(
+        &deps,
+        "todo-controller",
+        |d: Option<&Deployment>| d.is_some_and(|d| d.uid() != old_uid),
+        t,
+    )
+    .await
+    .context("deleted controller Deployment not recreated")?;
+
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    cms.delete("todo-config", &DeleteParams::default()).await?;
+    wait_for(&cms, "todo-config", |c: Option<&ConfigMap>| c.is_some(), t)
+        .await
+        .context("deleted ConfigMap not recreated")?;
+
+    // A hand edit of a field kab sets is reverted.
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let port = |s: &Service| {
+        s.spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .and_then(|p| p.first())
+            .map(|p| p.port)
+    };
+    let before = port(&svcs.get("todo-webhook").await?).context("no port")?;
+    ctx.kubectl([
+        "-n",
+        &ns,
+        "patch",
+        "service",
+        "todo-webhook",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/ports/0/port","value":9443}]"#,
+    ])
+    .await?;
+    wait_for(
+        &svcs,
+        "todo-webhook",
+        move |s: Option<&Service>| s.and_then(port) == Some(before),
+        t,
+    )
+    .await
+    .context("hand-edited Service port not restored")?;
+
+    // The cluster-scoped registration too.
+    let regs: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    let reg = format!("todo.{ns}.kab.dev");
+    regs.delete(&reg, &DeleteParams::default()).await?;
+    wait_for(
+        &regs,
+        &reg,
+        |r: Option<&ValidatingWebhookConfiguration>| r.is_some(),
+        t,
+    )
+    .await
+    .context("deleted webhook registration not recreated")?;
+    wait_ready(&ctx, &ns, "todo").await?;
+    Ok(())
+}
+
+async fn deleting_a_stack_removes_its_children_and_retains_the_entity_api(
+    ctx: Ctx,
+) -> anyhow::Result<()> {
+    let (ns, group) = ready_todo(&ctx, "delete").await?;
+    let client = ctx.client();
+    let stacks: Api<KabStack> = Api::namespaced(client.clone(), &ns);
+    stacks.delete("todo", &DeleteParams::default()).await?;
+    let t = Duration::from_secs(60);
+    wait_deleted(&stacks, "todo", t).await?;
+    wait_deleted(
+        &Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+        &format!("todo.{ns}.kab.dev"),
+        t,
+    )
+    .await?;
+    wait_deleted(
+        &Api::<Deployment>::namespaced(client.clone(), &ns),
+        "todo-webhook",
+        t,
+    )
+    .await?;
+    wait_deleted(
+        &Api::<Deployment>::namespaced(client.clone(), &ns),
+        "todo-controller",
+        t,
+    )
+    .await?;
+    wait_deleted(
+        &Api::<StatefulSet>::namespaced(client.clone(), &ns),
+        "todo-broker",
+        t,
+    )
+    .await?;
+    wait_deleted(
+        &Api::<Secret>::namespaced(client.clone(), &ns),
+        "todo-webhook-tls",
+        t,
+    )
+    .await?;
+    wait_deleted(
+        &Api::<Role>::namespaced(client.clone(), &ns),
+        "todo-writer",
+        t,
+    )
+    .await?;
+    // Retain: the entity API and its data stay.
+    let crd = Api::<CustomResourceDefinition>::all(client.clone())
+        .get_opt(&format!("todos.{group}"))
+        .await?;
+    ensure!(crd.is_some(), "the Retained CRD was deleted");
+    Ok(())
+}
+
+async fn deletion_policy_delete_removes_the_entity_api(ctx: Ctx) -> anyhow::Result<()> {
+    operator(&ctx).await?;
+    let ns = ctx.namespace("purge").await?;
+    let group = group_for(&ns);
+    let mut stack = todo_stack(&ns, "todo", &group)?;
+    stack["spec"]["entity"]["deletionPolicy"] = json!("Delete");
+    apply_stack(&ctx, &stack).await?;
+    wait_ready(&ctx, &ns, "todo").await?;
+    let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
+    stacks.delete("todo", &DeleteParams::default()).await?;
+    wait_deleted(
+        &Api::<CustomResourceDefinition>::all(ctx.client()),
+        &format!("todos.{group}"),
+        Duration::from_secs(60),
+    )
+    .await
+    .context("deletionPolicy Delete: the CRD should go with its last stack")?;
+    Ok(())
+}
+
+async fn stacks_share_an_entity_api_and_a_different_schema_conflicts(
+    ctx: Ctx,
+) -> anyhow::Result<()> {
+    operator(&ctx).await?;
+    let a = ctx.namespace("share-a").await?;
+    let b = ctx.namespace("share-b").await?;
+    let c = ctx.namespace("share-c").await?;
+    let group = group_for(&a);
+    let mut first = todo_stack(&a, "todo", &group)?;
+    first["spec"]["entity"]["deletionPolicy"] = json!("Delete");
+    apply_stack(&ctx, &first).await?;
+    wait_ready(&ctx, &a, "todo").await?;
+    apply_stack(&ctx, &todo_stack(&b, "todo", &group)?).await?;
+    wait_ready(&ctx, &b, "todo").await?;
+
+    let crds: Api<CustomResourceDefinition> = Api::all(ctx.client());
+    let crd_name = format!("todos.{group}");
+    let before = crds.get(&crd_name).await?;
+
+    let mut other = todo_stack(&c, "todo", &group)?;
+    other["spec"]["entity"]["versions"][0]["schema"]["properties"]["extra"] =
+        json!({"type": "integer"});
+    apply_stack(&ctx, &other).await?;
+    let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &c);
+    let conflicted = wait_for(
+        &stacks,
+        "todo",
+        |s: Option<&KabStack>| {
+            s.and_then(|s| condition(s, "Reconciled"))
+                .is_some_and(|c| c.1 == "Conflict")
+        },
+        Duration::from_secs(60),
+    )
+    .await?;
+    let (_, _, msg) = condition(&conflicted, "Reconciled").context("Reconciled")?;
+    ensure!(
+        msg.contains(&format!("{a}/todo")),
+        "conflict message should name the defining stack: {msg}"
+    );
+    ensure!(conflicted.status.as_ref().and_then(|s| s.phase) == Some(kab::api::Phase::Failed));
+    let after = crds.get(&crd_name).await?;
+    ensure!(
+        after.spec.versions == before.spec.versions,
+        "a conflicting stack must never overwrite the shared CRD"
+    );
+
+    // The first stack goes (policy Delete), but b still uses the entity: the CRD stays.
+    Api::<KabStack>::namespaced(ctx.client(), &a)
+        .delete("todo", &DeleteParams::default())
+        .await?;
+    wait_deleted(
+        &Api::<KabStack>::namespaced(ctx.client(), &a),
+        "todo",
+        Duration::from_secs(60),
+    )
+    .await?;
+    ensure!(
+        crds.get_opt(&crd_name).await?.is_some(),
+        "CRD deleted while another stack still uses it"
+    );
+    Ok(())
+}
+
+async fn a_crash_looping_webhook_degrades_the_stack_and_recovers(ctx: Ctx) -> anyhow::Result<()> {
+    let (ns, _) = ready_todo(&ctx, "degraded").await?;
+    let deps: Api<Deployment> = Api::namespaced(ctx.client(), &ns);
+    // Another field manager adds the KWOK crash-loop label to the webhook's pods; kab does not own
+    // that label, so it keeps it: the new pods crash-loop.
+    let chaos = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "todo-webhook", "namespace": ns},
+        "spec": {"template": {"metadata": {"labels": {"kab.dev/simulate": "crash-loop"}}}}
+    });
+    deps.patch(
+        "todo-webhook",
+        &PatchParams::apply("e2e-chaos"),
+        &Patch::Apply(&chaos),
+    )
+    .await?;
+    let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
+    let degraded = wait_for(
+        &stacks,
+        "todo",
+        |s: Option<&KabStack>| {
+            s.and_then(|s| s.status.as_ref()).and_then(|s| s.phase)
+                == Some(kab::api::Phase::Degraded)
+        },
+        Duration::from_secs(90),
+    )
+    .await?;
+    let (_, reason, msg) = condition(&degraded, "Ready").context("Ready")?;
+    ensure!(reason == "WebhookNotReady", "reason {reason}");
+    ensure!(
+        msg.contains(&format!("{ns}/todo-webhook")) && msg.contains("CrashLoopBackOff"),
+        "message should name the blocker: {msg}"
+    );
+    let row = degraded
+        .status
+        .as_ref()
+        .and_then(|s| {
+            s.components
+                .iter()
+                .find(|c| c.name == format!("{ns}/todo-webhook"))
+        })
+        .context("no component row for the webhook")?;
+    ensure!(
+        !row.ready && row.message.contains("CrashLoopBackOff"),
+        "row {row:?}"
+    );
+
+    // The chaos manager withdraws its label: the stack comes back.
+    let withdraw = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "todo-webhook", "namespace": ns}});
+    deps.patch(
+        "todo-webhook",
+        &PatchParams::apply("e2e-chaos"),
+        &Patch::Apply(&withdraw),
+    )
+    .await?;
+    wait_for(&stacks, "todo", is_ready, Duration::from_secs(90))
+        .await
+        .context("stack did not recover")?;
+    Ok(())
+}
+
+/// Each invalid stack is refused by the API server with a message naming the field, or is
+/// accepted and then reported `Reconciled=False/InvalidSpec` naming it.
+async fn invalid_stacks_are_refused_or_reported(ctx: Ctx) -> anyhow::Result<()> {
+    let op = operator(&ctx).await?;
+    let ns = ctx.namespace("invalid").await?;
+    let group = group_for(&ns);
+    let base = todo_stack(&ns, "x", &group)?;
+    type Edit = fn(&mut serde_json::Value);
+    let refused: Vec<(&str, Edit, &str)> = vec![
+        (
+            "two-storage",
+            |v| {
+                v["spec"]["entity"]["versions"] = json!([
+                {"name": "v1", "storage": true, "schema": {"type": "object"}},
+                {"name": "v2", "storage": true, "schema": {"type": "object"}}]);
+            },
+            "storage",
+        ),
+        (
+            "no-storage",
+            |v| {
+                v["spec"]["entity"]["versions"] = json!([
+                {"name": "v1", "schema": {"type": "object"}},
+                {"name": "v2", "schema": {"type": "object"}}]);
+            },
+            "exactly one version",
+        ),
+        (
+            "external-no-url",
+            |v| v["spec"]["broker"] = json!({"mode": "External"}),
+            "broker.url",
+        ),
+        (
+            "url-not-external",
+            |v| v["spec"]["broker"] = json!({"mode": "Managed", "url": "nats://x:4222"}),
+            "broker.url",
+        ),
+        (
+            "empty-kind",
+            |v| v["spec"]["entity"]["kind"] = json!(""),
+            "spec.entity.kind",
+        ),
+        (
+            "lower-kind",
+            |v| v["spec"]["entity"]["kind"] = json!("todo"),
+            "spec.entity.kind",
+        ),
+        (
+            "reserved-group",
+            |v| v["spec"]["entity"]["group"] = json!("kab.dev"),
+            "reserved",
+        ),
+        (
+            "k8s-group",
+            |v| v["spec"]["entity"]["group"] = json!("apps.k8s.io"),
+            "reserved",
+        ),
+        (
+            "two-rule-kinds",
+            |v| {
+                v["spec"]["rules"] =
+                    json!([{"name": "both", "maxCount": 3, "unique": {"fields": ["spec.code"]}}]);
+            },
+            "exactly one of",
+        ),
+        (
+            "no-rule-kind",
+            |v| v["spec"]["rules"] = json!([{"name": "none"}]),
+            "exactly one of",
+        ),
+        (
+            "renew-after-expiry",
+            |v| {
+                v["spec"]["webhook"]["certificate"] =
+                    json!({"validity": "1h", "renewBefore": "2h"});
+            },
+            "renewBefore",
+        ),
+        (
+            "broker-replicas-2",
+            |v| v["spec"]["broker"]["replicas"] = json!(2),
+            "spec.broker.replicas",
+        ),
+        (
+            "bad-version-name",
+            |v| v["spec"]["entity"]["versions"][0]["name"] = json!("V1"),
+            "name",
+        ),
+        (
+            "long-name",
+            |v| v["metadata"]["name"] = json!("a-name-that-is-much-too-long-for-a-kab-stack-x"),
+            "40",
+        ),
+    ];
+    let api: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
+    let mut failures = Vec::new();
+    for (i, (what, edit, expect)) in refused.iter().enumerate() {
+        let mut v = base.clone();
+        v["metadata"]["name"] = json!(format!("refused-{i}"));
+        edit(&mut v);
+        let name = v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        match api
+            .patch(&name, &PatchParams::apply("e2e"), &Patch::Apply(&v))
+            .await
+        {
+            Ok(_) => failures.push(format!("{what}: accepted by the API server")),
+            Err(kube::Error::Api(s)) if s.message.contains(expect) => {}
+            Err(e) => failures.push(format!("{what}: refused without naming {expect:?}: {e}")),
+        }
+    }
+
+    let reported: Vec<(&str, Edit, &str)> = vec![
+        (
+            "rule-path-not-in-schema",
+            |v| {
+                v["spec"]["rules"] = json!([{"name": "u", "unique": {"fields": ["spec.nope"]}}]);
+            },
+            "spec.rules[0].unique.fields[0]",
+        ),
+        (
+            "non-structural-schema",
+            |v| {
+                v["spec"]["entity"]["versions"][0]["schema"]["properties"]["message"] =
+                    json!({"description": "no type"});
+            },
+            "spec.entity.versions[0].schema",
+        ),
+        (
+            "unique-on-object",
+            |v| {
+                v["spec"]["entity"]["versions"][0]["schema"]["properties"]["meta"] =
+                    json!({"type": "object", "properties": {"a": {"type": "string"}}});
+                v["spec"]["rules"] = json!([{"name": "u", "unique": {"fields": ["spec.meta"]}}]);
+            },
+            "spec.rules[0].unique.fields[0]",
+        ),
+        (
+            "status-schema-kab",
+            |v| {
+                v["spec"]["entity"]["versions"][0]["statusSchema"] =
+                    json!({"type": "object", "properties": {"kab": {"type": "string"}}});
+            },
+            "statusSchema",
+        ),
+    ];
+    for (i, (what, edit, expect)) in reported.iter().enumerate() {
+        let mut v = base.clone();
+        let name = format!("reported-{i}");
+        v["metadata"]["name"] = json!(name);
+        edit(&mut v);
+        if let Err(e) = api
+            .patch(&name, &PatchParams::apply("e2e"), &Patch::Apply(&v))
+            .await
+        {
+            // Refused by the API server naming the field is fine too.
+            if !e
+                .to_string()
+                .contains(expect.split('[').next().unwrap_or(expect))
+            {
+                failures.push(format!("{what}: refused without naming the field: {e}"));
+            }
+            continue;
+        }
+        let got = wait_for(
+            &api,
+            &name,
+            |s: Option<&KabStack>| {
+                s.and_then(|s| condition(s, "Reconciled"))
+                    .is_some_and(|c| c.1 == "InvalidSpec")
+            },
+            Duration::from_secs(60),
+        )
+        .await;
+        match got {
+            Ok(s) => {
+                let (_, _, msg) = condition(&s, "Reconciled").unwrap_or_default();
+                if !msg.contains(expect) {
+                    failures.push(format!(
+                        "{what}: InvalidSpec message does not name {expect:?}: {msg}"
+                    ));
+                }
+                if s.status.as_ref().and_then(|s| s.phase) != Some(kab::api::Phase::Failed) {
+                    failures.push(format!("{what}: phase is not Failed"));
+                }
+            }
+            Err(e) => failures.push(format!("{what}: {e:#}")),
+        }
+    }
+    // Invalid specs wrote nothing but status: no child was created for them.
+    let deps: Api<Deployment> = Api::namespaced(ctx.client(), &ns);
+    let children = deps
+        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=kab"))
+        .await?;
+    if !children.items.is_empty() {
+        failures.push(format!(
+            "{} Deployments were created for invalid stacks",
+            children.items.len()
+        ));
+    }
+    if !op.alive() {
+        failures.push("the operator exited".into());
+    }
+    if op.log().contains("panicked") {
+        failures.push("the operator panicked".into());
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!("{}", failures.join("\n")))
+    }
+}
+
+async fn paused_stack_is_left_alone(ctx: Ctx) -> anyhow::Result<()> {
+    let (ns, _) = ready_todo(&ctx, "paused").await?;
+    let mut stack = todo_stack(&ns, "todo", &group_for(&ns))?;
+    stack["spec"]["paused"] = json!(true);
+    apply_stack(&ctx, &stack).await?;
+    let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
+    wait_for(
+        &stacks,
+        "todo",
+        |s: Option<&KabStack>| {
+            s.and_then(|s| s.status.as_ref()).and_then(|s| s.phase) == Some(kab::api::Phase::Paused)
+        },
+        Duration::from_secs(30),
+    )
+    .await?;
+    // While paused, a deleted child stays deleted...
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client(), &ns);
+    cms.delete("todo-config", &DeleteParams::default()).await?;
+    wait_deleted(&cms, "todo-config", Duration::from_secs(30)).await?;
+    // ...and is restored on resume.
+    stack["spec"]["paused"] = json!(false);
+    apply_stack(&ctx, &stack).await?;
+    wait_for(
+        &cms,
+        "todo-config",
+        |c: Option<&ConfigMap>| c.is_some(),
+        Duration::from_secs(30),
+    )
+    .await?;
+    let s = stacks.get("todo").await?;
+    ensure!(
+        condition(&s, "Paused").map(|c| c.0) != Some("True".into())
+            || s.metadata.generation != s.status.as_ref().and_then(|s| s.observed_generation),
+        "Paused condition still True after resume"
+    );
+    wait_ready(&ctx, &ns, "todo").await?;
+    // The ConfigMap was really absent while paused: the restore made a new object.
+    Ok(())
+}
+
+async fn no_private_key_in_logs_events_or_status(ctx: Ctx) -> anyhow::Result<()> {
+    let (ns, _) = ready_todo(&ctx, "secrets").await?;
+    let op = operator(&ctx).await?;
+    let stack = Api::<KabStack>::namespaced(ctx.client(), &ns)
+        .get("todo")
+        .await?;
+    let key = Api::<Secret>::namespaced(ctx.client(), &ns)
+        .get("todo-webhook-tls")
+        .await?;
+    let key_pem = key
+        .data
+        .as_ref()
+        .and_then(|d| d.get("tls.key"))
+        .map(|k| String::from_utf8_lossy(&k.0).into_owned())
+        .context("no tls.key")?;
+    let body = key_pem.lines().nth(1).context("empty key")?.to_string();
+    let status = serde_json::to_string(&stack.status)?;
+    let events = serde_json::to_string(
+        &Api::<Event>::namespaced(ctx.client(), &ns)
+            .list(&ListParams::default())
+            .await?
+            .items,
+    )?;
+    let log = op.log();
+    for (place, text) in [
+        ("status", &status),
+        ("events", &events),
+        ("operator log", &log),
+    ] {
+        ensure!(
+            !text.contains("PRIVATE KEY") && !text.contains(&body),
+            "a private key appears in the {place}"
+        );
+    }
+    // The CA key is never mounted into the webhook pod.
+    let d = Api::<Deployment>::namespaced(ctx.client(), &ns)
+        .get("todo-webhook")
+        .await?;
+    let mounted = serde_json::to_string(&d.spec.template.spec)?;
+    ensure!(
+        !mounted.contains("todo-webhook-ca"),
+        "the CA Secret is mounted into the webhook pod"
+    );
+    Ok(())
+}
+
+fn wildcard(v: &Option<Vec<String>>) -> bool {
+    v.as_ref()
+        .is_some_and(|v| v.iter().any(|s| s.contains('*')))
+}
+
+async fn installed_rbac_is_least_privilege(ctx: Ctx) -> anyhow::Result<()> {
+    let (ns, _) = ready_todo(&ctx, "rbac").await?;
+    let client = ctx.client();
+    let mut problems = Vec::new();
+    for role in Api::<Role>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+    {
+        for r in role.rules.unwrap_or_default() {
+            if wildcard(&r.api_groups)
+                || wildcard(&r.resources)
+                || r.verbs.iter().any(|v| v.contains('*'))
+            {
+                problems.push(format!(
+                    "Role {} has a wildcard: {r:?}",
+                    role.metadata.name.clone().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    let cr = Api::<ClusterRole>::all(client.clone())
+        .get(kab::install::NAME)
+        .await?;
+    for r in cr.rules.unwrap_or_default() {
+        if wildcard(&r.api_groups)
+            || wildcard(&r.resources)
+            || r.verbs.iter().any(|v| v.contains('*'))
+        {
+            problems.push(format!(
+                "ClusterRole {} has a wildcard: {r:?}",
+                kab::install::NAME
+            ));
+        }
+    }
+    for b in Api::<RoleBinding>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+    {
+        if b.role_ref.name == "cluster-admin" || b.role_ref.kind == "ClusterRole" {
+            problems.push(format!(
+                "RoleBinding {} binds {} {}",
+                b.name_any(),
+                b.role_ref.kind,
+                b.role_ref.name
+            ));
+        }
+    }
+    for b in Api::<ClusterRoleBinding>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+    {
+        let ours = b
+            .subjects
+            .iter()
+            .flatten()
+            .any(|s| s.name == kab::install::NAME);
+        if ours && b.role_ref.name != kab::install::NAME {
+            problems.push(format!(
+                "ClusterRoleBinding {} gives kab {}",
+                b.name_any(),
+                b.role_ref.name
+            ));
+        }
+    }
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    Ok(())
+}
+
+async fn an_idle_operator_makes_no_writes(ctx: Ctx) -> anyhow::Result<()> {
+    let (ns, group) = ready_todo(&ctx, "idle").await?;
+    let plane = ctx.plane().clone();
+    let reg = format!("todo.{ns}.kab.dev");
+    let crd = format!("todos.{group}");
+    let mine = move |e: &kab::plane::AuditEvent| {
+        e.user.username == OPERATOR_USER
+            && e.object_ref
+                .as_ref()
+                .is_some_and(|o| o.namespace == ns || o.name == reg || o.name == crd)
+            && e.object_ref
+                .as_ref()
+                .is_some_and(|o| o.resource != "leases")
+    };
+    // Let the last status write of the Ready transition land in the audit log first: wait until
+    // the stack's Ready status is the newest write for it.
+    let settle_deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = plane.audit_events()?.iter().filter(|e| mine(e)).count();
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = plane.audit_events()?.iter().filter(|e| mine(e)).count();
+        if now == seen || std::time::Instant::now() > settle_deadline {
+            seen = now;
+            break;
+        }
+        seen = now;
+    }
+    // The observation window itself: 60 s of idleness, as the issue asks.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let events = plane.audit_events()?;
+    let writes: Vec<String> = events
+        .iter()
+        .filter(|e| mine(e))
+        .skip(seen)
+        .map(|e| format!("{} {}", e.verb, e.request_uri))
+        .collect();
+    eprintln!(
+        "idle window: {} operator writes for the stack in 60 s",
+        writes.len()
+    );
+    ensure!(
+        writes.is_empty(),
+        "the operator wrote {} times while idle:\n{}",
+        writes.len(),
+        writes.join("\n")
+    );
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn unused(_: PostParams) {}
