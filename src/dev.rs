@@ -43,7 +43,10 @@ fn step(msg: &str) {
 /// Runs `kab dev`.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // The client's own ERROR lines while the plane's API server starts are noise here.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("warn,kube_client::client::builder=off")
+        });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -71,7 +74,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .await
             .context("connecting to the cluster in KUBECONFIG")?;
         (
-            None,
+            None::<Arc<Plane>>,
             client,
             std::env::var("KUBECONFIG").unwrap_or_else(|_| "~/.kube/config".into()),
         )
@@ -91,7 +94,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             "control plane usable after {:.1} s",
             started.elapsed().as_secs_f64()
         ));
-        (Some(plane), client, kc)
+        (Some(Arc::new(plane)), client, kc)
+    };
+
+    // On the local plane the stack's pods run as local processes (the local runtime is their
+    // kubelet); in a real cluster the cluster runs them.
+    let mut runtime = match &plane {
+        Some(p) => {
+            step("starting the local workload runtime (the stack's pods run as local processes)");
+            Some(start_runtime(p.clone(), client.clone()).await?)
+        }
+        None => None,
     };
 
     step("installing the KabStack CRD");
@@ -110,10 +123,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     step(&format!("applying KabStack {ns}/{name}"));
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns_obj = serde_json::json!({
+    let mut ns_obj = serde_json::json!({
         "apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": ns, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}
     });
+    if runtime.is_some() {
+        ns_obj["metadata"]["annotations"] = serde_json::to_value(crate::runtime::namespace_annotations())?;
+    }
     namespaces
         .patch(
             &ns,
@@ -174,6 +190,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .map(|v| v.name.as_str())
             .unwrap_or("v1")
     );
+    println!(
+        "  {} status {ns}/{name}   # the tree of its parts and what blocks them (--watch follows it)",
+        crate::cli::program()
+    );
+    println!(
+        "  kubectl create -n {ns} -f - <<'EOF'   # a sample {}",
+        entity.kind
+    );
+    for line in crate::cli::hints::sample_entity(&stack) {
+        println!("  {line}");
+    }
+    println!("  EOF");
+    println!("  # {}", crate::cli::hints::events(&stack));
     if plane.is_some() {
         println!(
             "Pods are simulated by KWOK on this local plane: the webhook, entity controller and broker"
@@ -183,7 +212,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if args.exit_when_ready {
         let _ = stop_tx.send(());
         let _ = operator_task.await;
-        drop(plane);
+        if let Some(rt) = runtime.as_mut() {
+            rt.stop();
+        }
+        if let Some(p) = plane {
+            p.stop();
+        }
         return ready;
     }
     println!("Press Ctrl-C to stop everything.");
@@ -191,6 +225,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     step("stopping");
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), operator_task).await;
+    if let Some(rt) = runtime.as_mut() {
+        rt.stop();
+    }
     if let Some(p) = plane {
         p.stop();
     }
@@ -221,7 +258,7 @@ pub async fn wait_ready(api: &Api<KabStack>, name: &str, timeout: Duration) -> a
                 let blocker = status
                     .and_then(|s| crate::status::condition(s, "Ready"))
                     .map(|c| c.message.clone())
-                    .unwrap_or_default();
+                    .unwrap_or_else(|| "waiting for the operator's first status".into());
                 let line = format!("{phase}: {blocker}");
                 if line != last {
                     eprintln!("    {line}");
@@ -233,4 +270,17 @@ pub async fn wait_ready(api: &Api<KabStack>, name: &str, timeout: Duration) -> a
             }
         }
     }
+}
+
+/// Starts the local runtime on a plane: the kab binary is this executable, nats-server the one
+/// the plane built, identities are client certificates from the plane's CA.
+pub async fn start_runtime(plane: Arc<Plane>, client: kube::Client) -> anyhow::Result<crate::runtime::LocalRuntime> {
+    let kab = std::env::current_exe().context("finding the kab executable")?;
+    let nats = plane.bin("nats-server");
+    let dir = plane.dir().join("runtime");
+    let p = plane.clone();
+    let identity: crate::runtime::IdentityFn = Arc::new(move |user, groups| p.write_kubeconfig(user, groups));
+    let mut config = crate::runtime::RuntimeConfig::new(dir, kab, nats, identity);
+    config.logs = plane.logs_dir().to_path_buf();
+    crate::runtime::LocalRuntime::start(client, config).await
 }

@@ -159,6 +159,10 @@ pub fn deployment_spec(image: &str) -> serde_json::Value {
                         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                         {"name": "KAB_WATCH_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['olm.targetNamespaces']"}}},
+                        // Explicit, so that a mirrored install (OLM rewrites the CSV's images)
+                        // runs every stack on the same images as the operator.
+                        {"name": "KAB_IMAGE", "value": image},
+                        {"name": "KAB_NATS_IMAGE", "value": crate::render::Settings::default().nats_image},
                     ],
                     "ports": [{"name": "http", "containerPort": 8080}],
                     "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},

@@ -6,14 +6,19 @@
 
 pub mod api;
 pub mod certs;
+pub mod cli;
 pub mod dev;
+pub mod entity_controller;
 pub mod install;
 pub mod metrics;
+pub mod olm;
 pub mod operator;
 pub mod plane;
 pub mod render;
+pub mod runtime;
 pub mod status;
 pub mod validate;
+pub mod webhook;
 
 /// The KabStack CustomResourceDefinition as YAML (what `kab crd` prints and `crds/` holds).
 pub fn crd_yaml() -> anyhow::Result<String> {

@@ -18,16 +18,21 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator: reconcile every KabStack (in a cluster, or against KUBECONFIG).
-    ///
-    /// Example: kab operator --namespace shop --leader-elect
+    #[command(after_help = "Examples:
+  kab operator                                   # every namespace, KUBECONFIG or in-cluster config
+  kab operator --namespace shop --leader-elect   # one namespace, one active replica
+  kab operator --templates ./overrides --log-format json")]
     Operator(OperatorArgs),
     /// Print the KabStack CustomResourceDefinition.
-    ///
-    /// Example: kab crd | kubectl apply --server-side -f -
+    #[command(after_help = "Examples:
+  kab crd | kubectl apply --server-side -f -
+  kab crd > crds/kabstack.yaml")]
     Crd,
     /// Print every manifest the operator would apply for a stack, offline (like `helm template`).
-    ///
-    /// Example: kab render -f examples/todo.yaml
+    #[command(after_help = "Examples:
+  kab render -f examples/todo.yaml
+  kab render -f stack.yaml --templates ./overrides | kubectl diff -f -
+  cat stack.yaml | kab render -f - -n shop")]
     Render {
         /// The KabStack YAML file (`-` for standard input).
         #[arg(short = 'f', long = "file")]
@@ -41,13 +46,48 @@ enum Command {
     },
     /// Run the whole thing locally: a local control plane (built on first use), the operator and
     /// the sample stack. Ctrl-C stops everything.
-    ///
-    /// Example: kab dev            (or, against the cluster in KUBECONFIG: kab dev --use-kubeconfig)
+    #[command(after_help = "Examples:
+  kab dev                                             # local plane + operator + examples/todo.yaml
+  kab dev -f examples/minimal.yaml --exit-when-ready  # your stack; return once it is Ready
+  kab dev --use-kubeconfig                            # against the cluster in KUBECONFIG")]
     Dev(kab::dev::DevArgs),
+    /// Run a stack's admission webhook: HTTPS AdmissionReview v1 on /validate enforcing the
+    /// stack's rules, with /healthz, /readyz and /metrics (run by the stack's Deployment;
+    /// locally with KUBECONFIG and KAB_LISTEN_ADDR).
+    #[command(after_help = "Examples:
+  kab webhook --config /etc/kab/stack.json --tls-dir /etc/kab/tls
+  KAB_LISTEN_ADDR=127.0.0.1:9443 kab webhook --config stack.json --tls-dir ./tls")]
+    Webhook(kab::webhook::WebhookArgs),
+    /// Run a stack's entity controller: publish every change of its entities to the broker
+    /// (CloudEvents on NATS JetStream), call the notify URL, keep `status.kab` (run by the
+    /// stack's Deployment; locally with KUBECONFIG, KAB_METRICS_ADDR and KAB_HOSTS_FILE).
+    #[command(after_help = "Examples:
+  kab entity-controller --config /etc/kab/stack.json
+  KAB_METRICS_ADDR=127.0.0.1:9090 kab entity-controller --config stack.json --leader-elect false")]
+    EntityController(kab::entity_controller::Args),
+    /// Show a stack as a tree of its parts — entity API, webhook, entity controller, broker,
+    /// config and RBAC — each with its state, what blocks it and for how long.
+    #[command(after_help = "Examples:
+  kab status shop/todo                  # one stack (or: kab status todo -n shop)
+  kab status -A                         # every stack in every namespace
+  kab status shop/todo --watch          # redraw on every change; Ctrl-C to stop
+  kab status shop/todo -o json | jq '.children[] | {kind, state, reason, message}'
+  kab status shop/todo -o dot | dot -Tsvg > todo.svg
+  kubectl kab status shop/todo          # the same, as a kubectl plugin (kubectl-kab on PATH)
+
+No colour when stdout is not a terminal or NO_COLOR is set.")]
+    Status(kab::cli::status::StatusArgs),
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:
+  kab completions bash > ~/.local/share/bash-completion/completions/kab
+  kab completions zsh > \"${fpath[1]}/_kab\"
+  kab completions fish > ~/.config/fish/completions/kab.fish")]
+    Completions(kab::cli::CompletionsArgs),
     /// Print the operator's install manifests (CRD, namespace, ServiceAccount, RBAC, Deployment).
-    ///
-    /// Install:   kab install --print | kubectl apply --server-side -f -
-    /// Uninstall: kab install --print | kubectl delete --ignore-not-found -f -
+    #[command(after_help = "Examples:
+  kab install --print | kubectl apply --server-side -f -          # install
+  kab install --print | kubectl delete --ignore-not-found -f -    # uninstall (entity data stays)
+  kab install --print --image registry.example.com/kab:0.1.0")]
     Install {
         /// Print the manifests (the only mode: kab never installs itself behind your back).
         #[arg(long, required = true)]
@@ -58,6 +98,25 @@ enum Command {
         /// Operator image.
         #[arg(long)]
         image: Option<String>,
+    },
+    /// Operator Lifecycle Manager packaging.
+    #[command(subcommand)]
+    Olm(OlmCommand),
+}
+
+#[derive(Subcommand)]
+enum OlmCommand {
+    /// Write the registry+v1 bundle: <output-dir>/<version>/{manifests,metadata}/ and
+    /// <output-dir>/bundle.Dockerfile (the same Deployment and RBAC as `kab install`).
+    ///
+    /// Example: kab olm bundle --version 0.1.0
+    Bundle {
+        /// Version of the bundle (semver); the CSV is kab.v<version>.
+        #[arg(long)]
+        version: String,
+        /// Directory of the bundles.
+        #[arg(long, default_value = "olm")]
+        output_dir: PathBuf,
     },
 }
 
@@ -113,7 +172,8 @@ fn init_logs(format: LogFormat) {
 fn main() -> std::process::ExitCode {
     // One crypto provider only (kube's ring), installed before anything builds a TLS config.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cli = Cli::parse();
+    // Named after argv[0]: as `kubectl-kab`, help and usage say `kubectl kab …`.
+    let cli: Cli = kab::cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -170,6 +230,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Operator(args) => run_operator(args).await,
         Command::Dev(args) => kab::dev::run(args).await,
+        Command::Webhook(args) => {
+            init_logs(match args.log_format {
+                kab::webhook::LogFormat::Text => LogFormat::Text,
+                kab::webhook::LogFormat::Json => LogFormat::Json,
+            });
+            kab::webhook::run(args).await
+        }
+        Command::EntityController(args) => kab::entity_controller::run(args).await,
+        Command::Status(args) => kab::cli::status::run(args).await,
+        Command::Completions(args) => {
+            let argv0 = std::env::args_os().next();
+            kab::cli::print_completions(&args, kab::cli::command_for::<Cli>(argv0.as_deref()));
+            Ok(())
+        }
         Command::Install {
             print: _,
             namespace,
@@ -177,6 +251,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let image = image.unwrap_or_else(kab::install::operator_image);
             print!("{}", kab::install::manifests(&namespace, &image)?);
+            Ok(())
+        }
+        Command::Olm(OlmCommand::Bundle {
+            version,
+            output_dir,
+        }) => {
+            let release = kab::olm::Release::for_dir(&output_dir, &version)?;
+            for path in kab::olm::write(&output_dir, &kab::olm::bundle(&release)?)? {
+                println!("{}", path.display());
+            }
             Ok(())
         }
     }

@@ -39,7 +39,7 @@ pub use components::STORAGE_CLASS;
 use components::{APISERVER, CONTROLLER_MANAGER, ETCD, KWOK, Layout, Ports, SCHEDULER};
 pub use pki::{Ca, CertPair};
 pub use ports::free_port;
-pub use process::{Process, log_tail, rss_kib};
+pub use process::{Process, log_tail, rss_kib, spawn as spawn_process};
 
 /// The binaries [`Plane::start`] makes available through [`Plane::bin`].
 pub const BINARIES: &[&str] = &[
@@ -310,6 +310,26 @@ impl Plane {
             .collect()
     }
 
+    /// Components that exited although the plane is not stopped (they
+    /// should not): `(component, exit status, log file)`.
+    pub fn exited_components(&self) -> Vec<(String, String, PathBuf)> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        let mut procs = process_lock(&self.components);
+        procs
+            .iter_mut()
+            .filter_map(|p| {
+                let status = p.exited()?;
+                Some((
+                    p.name().to_string(),
+                    status.to_string(),
+                    p.log_path().to_path_buf(),
+                ))
+            })
+            .collect()
+    }
+
     /// Keep (or not) the plane directory after stop.
     pub fn set_keep_dir(&self, keep: bool) {
         self.keep_dir.store(keep, Ordering::SeqCst);
@@ -375,7 +395,8 @@ impl Plane {
 
     /// Stops every component (SIGTERM, a few seconds, SIGKILL; waits until
     /// each pid is gone; clients of the API server first, etcd last) and
-    /// removes the plane directory unless it is kept. Idempotent.
+    /// removes the plane directory unless it is kept. Idempotent. Blocks for
+    /// up to a few seconds: from async code, call it via `spawn_blocking`.
     pub fn stop(&self) {
         self.stop_processes();
         if !self.keep_dir.load(Ordering::SeqCst) {
@@ -737,7 +758,7 @@ async fn run_start(
 
     // PKI.
     let ca = Ca::new("kab-plane-ca")?;
-    let names = pki::apiserver_names(components::SERVICE_IP);
+    let names = pki::apiserver_names(&components::service_ip());
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let serving = ca.serving_cert("kube-apiserver", &names)?;
     let admin = ca.client_cert("kab-admin", &["system:masters"])?;

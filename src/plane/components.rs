@@ -2,10 +2,29 @@
 
 use std::path::{Path, PathBuf};
 
-/// The service CIDR: a /16, since a /24 runs out after 254 Services.
-pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The second octet of this process's service CIDR: 10.96–10.127, picked per process so that
+/// two planes running at once (two test runs) never hand out the same ClusterIP — the local
+/// runtime puts ClusterIPs on the loopback interface, which all processes share.
+fn service_octet() -> u8 {
+    static OCTET: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *OCTET.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        96 + ((std::process::id() ^ nanos) % 32) as u8
+    })
+}
+
+/// The service CIDR: a /16 (a /24 runs out after 254 Services).
+pub fn service_cidr() -> String {
+    format!("10.{}.0.0/16", service_octet())
+}
+
 /// The first service IP (the `kubernetes` Service), also a serving-cert SAN.
-pub const SERVICE_IP: &str = "10.96.0.1";
+pub fn service_ip() -> String {
+    format!("10.{}.0.1", service_octet())
+}
 /// KWOK's pod CIDR (its default overlaps the service range).
 pub const POD_CIDR: &str = "10.244.0.0/16";
 /// The service-account token issuer.
@@ -176,7 +195,9 @@ pub fn apiserver_args(l: &Layout, ports: Ports, extra: &[String]) -> Vec<String>
         format!("--service-account-issuer={SA_ISSUER}"),
         format!("--service-account-key-file={}", p(&l.sa_pub)),
         format!("--service-account-signing-key-file={}", p(&l.sa_key)),
-        format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+        format!("--service-cluster-ip-range={}", service_cidr()),
+        // Namespaces whose pods the local runtime runs select its node by annotation.
+        "--enable-admission-plugins=PodNodeSelector,PodTolerationRestriction".into(),
         "--endpoint-reconciler-type=none".into(),
         format!("--audit-policy-file={}", p(&l.audit_policy)),
         format!("--audit-log-path={}", p(&l.audit_log)),
@@ -221,7 +242,8 @@ pub fn scheduler_args(l: &Layout, fast: bool) -> Vec<String> {
 pub fn kwok_args(l: &Layout) -> Vec<String> {
     let mut args = vec![
         format!("--kubeconfig={}", p(&l.kubeconfig)),
-        "--manage-all-nodes=true".into(),
+        // Only the fake nodes: the local runtime's node (kab-local) is not KWOK's.
+        "--manage-nodes-with-label-selector=type=kwok".into(),
         format!("--cidr={POD_CIDR}"),
         "--node-ip=127.0.0.1".into(),
     ];
@@ -249,7 +271,7 @@ mod tests {
         for want in [
             "--etcd-servers=http://127.0.0.1:2379",
             "--secure-port=6443",
-            "--service-cluster-ip-range=10.96.0.0/16",
+            &format!("--service-cluster-ip-range={}", service_cidr()),
             "--advertise-address=127.0.0.1",
             "--endpoint-reconciler-type=none",
             "--audit-log-path=/tmp/plane/audit.log",
@@ -304,7 +326,7 @@ mod tests {
             STAGES.len()
         );
         assert!(args.contains(&"--cidr=10.244.0.0/16".to_string()));
-        assert!(args.contains(&"--manage-all-nodes=true".to_string()));
+        assert!(args.contains(&"--manage-nodes-with-label-selector=type=kwok".to_string()));
     }
 
     #[test]

@@ -8,10 +8,19 @@
 
 mod support;
 
+mod entity_tests;
+mod install_tests;
 mod operator_tests;
 mod plane_tests;
+mod runtime_tests;
 
 fn main() -> std::process::ExitCode {
     // One entry per test module: `mod foo_tests;` above, `foo_tests::tests` here.
-    support::main(&[plane_tests::tests, operator_tests::tests])
+    support::main(&[
+        plane_tests::tests,
+        entity_tests::tests,
+        operator_tests::tests,
+        install_tests::tests,
+        runtime_tests::tests,
+    ])
 }

@@ -155,7 +155,7 @@ fn kubectl_stdin(plane: &Plane, args: &[&str], stdin: &str) -> anyhow::Result<St
 
 /// `examples/todo.yaml` in namespace `ns`, with an entity group of its own so that tests do not
 /// share entity APIs by accident.
-fn todo_stack(ns: &str, name: &str, group: &str) -> anyhow::Result<serde_json::Value> {
+pub fn todo_stack(ns: &str, name: &str, group: &str) -> anyhow::Result<serde_json::Value> {
     let mut v: serde_json::Value =
         serde_saphyr::from_str(include_str!("../../examples/todo.yaml"))?;
     v["metadata"] = json!({"name": name, "namespace": ns});
@@ -167,7 +167,7 @@ fn group_for(ns: &str) -> String {
     format!("{ns}.e2e.example.com")
 }
 
-async fn apply_stack(ctx: &Ctx, stack: &serde_json::Value) -> anyhow::Result<()> {
+pub async fn apply_stack(ctx: &Ctx, stack: &serde_json::Value) -> anyhow::Result<()> {
     let ns = stack["metadata"]["namespace"]
         .as_str()
         .context("namespace")?;
@@ -340,14 +340,10 @@ async fn hand_edits_and_deletions_are_restored(ctx: Ctx) -> anyhow::Result<()> {
 
     // A hand edit of a field kab sets is reverted.
     let svcs: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let port = |s: &Service| {
-        s.spec
-            .as_ref()
-            .and_then(|s| s.ports.as_ref())
-            .and_then(|p| p.first())
-            .map(|p| p.port)
+    let target = |s: &Service| {
+        s.spec.as_ref().and_then(|s| s.ports.as_ref()).and_then(|p| p.first()).and_then(|p| p.target_port.clone())
     };
-    let before = port(&svcs.get("todo-webhook").await?).context("no port")?;
+    let before = target(&svcs.get("todo-webhook").await?).context("no targetPort")?;
     ctx.kubectl([
         "-n",
         &ns,
@@ -356,17 +352,12 @@ async fn hand_edits_and_deletions_are_restored(ctx: Ctx) -> anyhow::Result<()> {
         "todo-webhook",
         "--type=json",
         "-p",
-        r#"[{"op":"replace","path":"/spec/ports/0/port","value":9443}]"#,
+        r#"[{"op":"replace","path":"/spec/ports/0/targetPort","value":9999}]"#,
     ])
     .await?;
-    wait_for(
-        &svcs,
-        "todo-webhook",
-        move |s: Option<&Service>| s.and_then(port) == Some(before),
-        t,
-    )
-    .await
-    .context("hand-edited Service port not restored")?;
+    wait_for(&svcs, "todo-webhook", move |s: Option<&Service>| s.and_then(target) == Some(before.clone()), t)
+        .await
+        .context("hand-edited Service targetPort not restored")?;
 
     // The cluster-scoped registration too.
     let regs: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());

@@ -8,7 +8,8 @@
 # tool builds under an exclusive flock into a temporary directory that is renamed
 # into place only when complete, so a killed build never leaves a half cache entry.
 #
-# Usage: tests/go/build.sh [kubernetes|etcd|kwok|nats ...]   (default: all)
+# Usage: tests/go/build.sh [kubernetes|etcd|kwok|nats|olm|olm-validate ...]
+#   (default: the plane's four; olm and olm-validate are built when the install tests ask)
 # Prints one line per tool: <tool> <directory holding its binaries>.
 set -euo pipefail
 
@@ -22,12 +23,16 @@ declare -A spec=(
   [etcd]="v3.6.13 etcd"
   [kwok]="v0.8.0 kwok"
   [nats]="v2.15.2 nats-server"
+  [olm]="v0.46.0 olm"
+  [olm-validate]="v0.45.0-r2 olm-validate"
 )
 declare -A pkgs=(
   [kubernetes]="k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl"
   [etcd]="go.etcd.io/etcd/server/v3"
   [kwok]="sigs.k8s.io/kwok/cmd/kwok"
   [nats]="github.com/nats-io/nats-server/v2"
+  [olm]="github.com/operator-framework/operator-lifecycle-manager/cmd/olm"
+  [olm-validate]="kab.dev/tests/go/olm-validate"
 )
 
 die() { echo "tests/go/build.sh: $*" >&2; exit 1; }

@@ -100,12 +100,24 @@ impl Ctx {
     /// rejected before it exists), and deletes it after the test (without
     /// waiting).
     pub async fn namespace(&self, prefix: &str) -> anyhow::Result<String> {
+        self.namespace_with(prefix, std::collections::BTreeMap::new())
+            .await
+    }
+
+    /// [`Ctx::namespace`] with annotations (e.g. the local runtime's node
+    /// selector).
+    pub async fn namespace_with(
+        &self,
+        prefix: &str,
+        annotations: std::collections::BTreeMap<String, String>,
+    ) -> anyhow::Result<String> {
         let api: Api<Namespace> = Api::all(self.client());
         let ns: Namespace = serde_json::from_value(json!({
             "apiVersion": "v1",
             "kind": "Namespace",
             "metadata": {
                 "generateName": format!("{}-", dns_label(prefix, 50)),
+                "annotations": annotations,
                 "labels": {
                     "pod-security.kubernetes.io/enforce": "restricted",
                     "kab.dev/e2e-test": dns_label(&self.scope.name, 63),

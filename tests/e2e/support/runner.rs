@@ -68,6 +68,7 @@ struct Args {
     exact: bool,
     list: bool,
     ignored: bool,
+    help: bool,
 }
 
 impl Args {
@@ -89,7 +90,7 @@ impl Args {
                 "--exact" => args.exact = true,
                 "--ignored" => args.ignored = true,
                 "--skip" => args.skip.push(it.next().ok_or("--skip needs a value")?),
-                "-h" | "--help" => return Err(HELP.to_string()),
+                "-h" | "--help" => args.help = true,
                 s if s.starts_with("--skip=") => args.skip.push(s["--skip=".len()..].to_string()),
                 s if WITH_VALUE.contains(&s) => {
                     it.next();
@@ -138,6 +139,10 @@ pub fn main(groups: &[fn() -> Vec<Test>]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.help {
+        println!("{HELP}");
+        return ExitCode::SUCCESS;
+    }
     let all: Vec<Test> = groups.iter().flat_map(|g| g()).collect();
     let mut names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
     names.sort_unstable();
@@ -242,6 +247,13 @@ async fn run(tests: Vec<Test>, filtered_out: usize) -> ExitCode {
     };
     let suite = Arc::new(Suite::new(plane.clone()));
     let (outcomes, interrupted) = run_tests(&suite, tests, &mut signals).await;
+    let crashed = plane.exited_components();
+    for (name, status, log) in &crashed {
+        eprintln!(
+            "e2e: {name} exited during the run ({status}); its log: {}",
+            log.display()
+        );
+    }
 
     // Teardown: shared resources (e.g. the operator) first, then the plane.
     // A second signal during teardown exits at once (PDEATHSIG kills the rest).
@@ -254,7 +266,8 @@ async fn run(tests: Vec<Test>, filtered_out: usize) -> ExitCode {
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.result.is_err()).collect();
     let stop_plane = {
         let plane = plane.clone();
-        let keep = (!failed.is_empty() || interrupted.is_some()).then(|| logs_dest.clone());
+        let keep = (!failed.is_empty() || interrupted.is_some() || !crashed.is_empty())
+            .then(|| logs_dest.clone());
         move || match keep {
             Some(dest) => match plane.stop_keeping_logs(&dest) {
                 Ok(()) => println!("e2e: control-plane logs kept in {}", dest.display()),
@@ -282,7 +295,7 @@ async fn run(tests: Vec<Test>, filtered_out: usize) -> ExitCode {
         }
     }
     let passed = outcomes.len() - failed.len();
-    let ok = failed.is_empty() && interrupted.is_none();
+    let ok = failed.is_empty() && interrupted.is_none() && crashed.is_empty();
     println!(
         "\ntest result: {}. {passed} passed; {} failed; 0 ignored; 0 measured; {filtered_out} filtered out; finished in {:.2}s\n",
         if ok { "ok" } else { "FAILED" },

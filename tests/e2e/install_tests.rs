@@ -1,0 +1,1026 @@
+//! The two install paths on the real control plane, and the bundle checked by the validators
+//! OperatorHub runs.
+//!
+//! - The plain install (`kab install --print | kubectl apply --server-side -f -`) gives an
+//!   Available operator Deployment and exactly the shipped RBAC, and a stack becomes Ready with
+//!   the operator running under that RBAC (the run's shared operator). Uninstalling it with
+//!   `kubectl delete` is checked on a control plane of its own, because it removes the
+//!   cluster-scoped objects (the KabStack CRD, the ClusterRole) the rest of the run relies on.
+//! - OLM: olm-operator (built from its module) installs the committed bundle `olm/<version>/` on
+//!   a control plane of its own, the CSV reaches `Succeeded`, and deleting the CSV leaves only
+//!   what OLM keeps by design.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use futures::TryStreamExt as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kab::api::KabStack;
+use kab::plane::{Plane, PlaneOptions, Process, is_deployment_available};
+use kube::ResourceExt as _;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
+use kube::runtime::wait::conditions::is_crd_established;
+use kube::runtime::{WatchStreamExt as _, watcher};
+use serde_json::{Value, json};
+
+use crate::support::{Ctx, Test, qualified_name, wait_deleted, wait_for};
+
+pub fn tests() -> Vec<Test> {
+    let name = |f: &str| qualified_name(module_path!(), f);
+    vec![
+        // Builds olm-validate on first use (about 40 s cold).
+        Test::new(
+            name("bundle_passes_the_operatorhub_validators"),
+            bundle_passes_the_operatorhub_validators,
+        )
+        .timeout(Duration::from_secs(600)),
+        Test::new(
+            name("plain_install_runs_the_operator_under_the_shipped_rbac"),
+            plain_install_runs_the_operator_under_the_shipped_rbac,
+        ),
+        // Starts a control plane of its own.
+        Test::new(
+            name("plain_uninstall_leaves_only_the_retained_entity_api"),
+            plain_uninstall_leaves_only_the_retained_entity_api,
+        )
+        .timeout(Duration::from_secs(300)),
+        // A control plane of its own, and olm-operator built on first use (about 2 min cold).
+        Test::new(
+            name("olm_installs_the_bundle_and_uninstall_leaves_what_olm_keeps"),
+            olm_installs_the_bundle_and_uninstall_leaves_what_olm_keeps,
+        )
+        .timeout(Duration::from_secs(600)),
+    ]
+}
+
+const IMAGE: &str = "example.invalid/kab:e2e";
+const OPERATOR_USER: &str = "system:serviceaccount:kab-system:kab-operator";
+const OPERATOR_GROUPS: &[&str] = &[
+    "system:serviceaccounts",
+    "system:serviceaccounts:kab-system",
+    "system:authenticated",
+];
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Validator warnings that stay, each explained in the README ("Install with OLM").
+const EXPLAINED_WARNINGS: &[&str] = &["CSV contains permissions to create CRD"];
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The committed bundle of this version.
+fn bundle_dir() -> PathBuf {
+    repo().join("olm").join(env!("CARGO_PKG_VERSION"))
+}
+
+/// Builds (or finds in the cache) a tool of `tests/go/build.sh`; returns its binary directory.
+async fn go_tool(tool: &str) -> anyhow::Result<PathBuf> {
+    let script = repo().join("tests/go/build.sh");
+    let start = Instant::now();
+    let out = tokio::process::Command::new("bash")
+        .arg(&script)
+        .arg(tool)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {}", script.display()))?;
+    ensure!(
+        out.status.success(),
+        "{} {tool}: {}\n{}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{tool} ")))
+        .with_context(|| format!("build.sh {tool} printed no directory: {stdout}"))?;
+    let built = String::from_utf8_lossy(&out.stderr);
+    if let Some(line) = built.lines().find(|l| l.starts_with("built ")) {
+        println!("install_tests: {line} ({:.0?})", start.elapsed());
+    }
+    Ok(PathBuf::from(dir.trim()))
+}
+
+/// Runs `kab` with `args`; returns its stdout.
+async fn kab(args: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kab"))
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "kab {}: {}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Runs the plane's kubectl with its admin kubeconfig and `stdin`; returns stdout.
+async fn kubectl(plane: &Plane, args: &[&str], stdin: &str) -> anyhow::Result<String> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut child = tokio::process::Command::new(plane.bin("kubectl"))
+        .arg("--kubeconfig")
+        .arg(plane.kubeconfig_path())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting kubectl")?;
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes()).await?;
+    }
+    let out = child.wait_with_output().await?;
+    ensure!(
+        out.status.success(),
+        "kubectl {}: {}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn available(d: Option<&Deployment>) -> bool {
+    d.is_some_and(is_deployment_available)
+}
+
+fn ready(s: Option<&KabStack>) -> bool {
+    s.is_some_and(|s| kab::operator::ready(s.status.as_ref()))
+}
+
+/// `examples/todo.yaml` named `todo` in `ns`, with an entity group of its own.
+fn todo_stack(ns: &str) -> anyhow::Result<Value> {
+    let mut v: Value = serde_saphyr::from_str(include_str!("../../examples/todo.yaml"))?;
+    v["metadata"] = json!({"name": "todo", "namespace": ns});
+    v["spec"]["entity"]["group"] = json!(format!("{ns}.install.example.com"));
+    Ok(v)
+}
+
+async fn apply_stack(client: &kube::Client, stack: &Value) -> anyhow::Result<()> {
+    let ns = stack["metadata"]["namespace"]
+        .as_str()
+        .context("namespace")?;
+    let api: Api<KabStack> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        "todo",
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(stack),
+    )
+    .await
+    .with_context(|| format!("applying KabStack {ns}/todo"))?;
+    Ok(())
+}
+
+/// The rules of a role as comparable values.
+fn rules_of(rules: Option<Vec<k8s_openapi::api::rbac::v1::PolicyRule>>) -> Value {
+    serde_json::to_value(rules.unwrap_or_default()).unwrap_or_default()
+}
+
+async fn access(
+    client: &kube::Client,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: Option<&str>,
+) -> anyhow::Result<bool> {
+    let api: Api<SubjectAccessReview> = Api::all(client.clone());
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(OPERATOR_USER.into()),
+            groups: Some(OPERATOR_GROUPS.iter().map(|g| g.to_string()).collect()),
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                namespace: namespace.map(str::to_string),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = api.create(&PostParams::default(), &review).await?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validators
+// ---------------------------------------------------------------------------------------------
+
+async fn bundle_passes_the_operatorhub_validators(_ctx: Ctx) -> anyhow::Result<()> {
+    let bin = go_tool("olm-validate").await?.join("olm-validate");
+    let dir = bundle_dir();
+    ensure!(
+        dir.is_dir(),
+        "{} is missing: run `cargo run -- olm bundle --version {}`",
+        dir.display(),
+        env!("CARGO_PKG_VERSION")
+    );
+    let out = tokio::process::Command::new(&bin)
+        .arg(&dir)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {}", bin.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in stdout.lines() {
+        println!("install_tests: olm-validate: {line}");
+    }
+    ensure!(
+        out.status.success(),
+        "olm-validate {}: {}\n{stdout}{}",
+        dir.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        stdout.lines().any(|l| l.contains(": 0 errors,")),
+        "no summary line with 0 errors:\n{stdout}"
+    );
+    let unexplained: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("WARNING "))
+        .filter(|l| !EXPLAINED_WARNINGS.iter().any(|w| l.contains(w)))
+        .collect();
+    ensure!(
+        unexplained.is_empty(),
+        "fix these warnings, or explain them in the README and in EXPLAINED_WARNINGS:\n{}",
+        unexplained.join("\n")
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plain install
+// ---------------------------------------------------------------------------------------------
+
+async fn plain_install_runs_the_operator_under_the_shipped_rbac(ctx: Ctx) -> anyhow::Result<()> {
+    // The run's operator runs as kab-system/kab-operator under the RBAC of these manifests;
+    // applying them again with kubectl sets the same values (no conflict) and adds the
+    // Deployment.
+    crate::operator_tests::operator(&ctx).await?;
+    let manifests = kab(&["install", "--print", "--image", IMAGE]).await?;
+    ctx.kubectl_with_stdin(["apply", "--server-side", "-f", "-"], &manifests)
+        .await?;
+    let client = ctx.client();
+    let ns = kab::install::NAMESPACE;
+    let name = kab::install::NAME;
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let started = Instant::now();
+    let deployment = wait_for(&deployments, name, available, TIMEOUT).await?;
+    println!(
+        "install_tests: plain install: Deployment {ns}/{name} Available after {:.1?}",
+        started.elapsed()
+    );
+    let pod = &deployment.spec.template;
+    let pod_spec = pod.spec.as_ref().context("pod template without spec")?;
+    ensure!(pod_spec.service_account_name.as_deref() == Some(name));
+    ensure!(pod_spec.containers[0].image.as_deref() == Some(IMAGE));
+
+    // The RBAC in the cluster is exactly the shipped one.
+    let cluster_role = Api::<ClusterRole>::all(client.clone()).get(name).await?;
+    ensure!(
+        rules_of(cluster_role.rules)
+            == serde_json::to_value(kab::install::policy_rules(kab::install::CLUSTER_GRANTS))?,
+        "ClusterRole {name} differs from install::CLUSTER_GRANTS"
+    );
+    let role = Api::<Role>::namespaced(client.clone(), ns)
+        .get(name)
+        .await?;
+    ensure!(
+        rules_of(role.rules)
+            == serde_json::to_value(kab::install::policy_rules(kab::install::NAMESPACE_GRANTS))?,
+        "Role {ns}/{name} differs from install::NAMESPACE_GRANTS"
+    );
+    let subjects = json!([{"kind": "ServiceAccount", "name": name, "namespace": ns}]);
+    let crb = Api::<ClusterRoleBinding>::all(client.clone())
+        .get(name)
+        .await?;
+    ensure!(crb.role_ref.kind == "ClusterRole" && crb.role_ref.name == name);
+    ensure!(serde_json::to_value(&crb.subjects)? == subjects, "{crb:?}");
+    let rb = Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .get(name)
+        .await?;
+    ensure!(rb.role_ref.kind == "Role" && rb.role_ref.name == name);
+    ensure!(serde_json::to_value(&rb.subjects)? == subjects, "{rb:?}");
+
+    // What that RBAC lets the operator's identity do, and what not.
+    let expected = [
+        (
+            "create",
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            None,
+            true,
+        ),
+        (
+            "escalate",
+            "rbac.authorization.k8s.io",
+            "roles",
+            Some("default"),
+            true,
+        ),
+        ("create", "coordination.k8s.io", "leases", Some(ns), true),
+        (
+            "create",
+            "coordination.k8s.io",
+            "leases",
+            Some("default"),
+            false,
+        ),
+        (
+            "create",
+            "rbac.authorization.k8s.io",
+            "clusterroles",
+            None,
+            false,
+        ),
+        (
+            "escalate",
+            "rbac.authorization.k8s.io",
+            "clusterroles",
+            None,
+            false,
+        ),
+        (
+            "bind",
+            "rbac.authorization.k8s.io",
+            "clusterroles",
+            None,
+            false,
+        ),
+        (
+            "create",
+            "rbac.authorization.k8s.io",
+            "clusterrolebindings",
+            None,
+            false,
+        ),
+        ("delete", "", "pods", Some("default"), false),
+        ("delete", "", "namespaces", None, false),
+    ];
+    for (verb, group, resource, namespace, allowed) in expected {
+        let got = access(&client, verb, group, resource, namespace).await?;
+        ensure!(
+            got == allowed,
+            "{OPERATOR_USER} {verb} {group}/{resource} in {namespace:?}: allowed={got}, want {allowed}"
+        );
+    }
+
+    // A stack becomes Ready with the operator running under that RBAC.
+    let stack_ns = ctx.namespace("plain-install").await?;
+    apply_stack(&client, &todo_stack(&stack_ns)?).await?;
+    let stacks: Api<KabStack> = Api::namespaced(client.clone(), &stack_ns);
+    wait_for(&stacks, "todo", ready, TIMEOUT)
+        .await
+        .with_context(|| format!("KabStack {stack_ns}/todo not Ready"))?;
+
+    // Leave the run's plane as it was: the shared operator's objects stay, the Deployment goes.
+    deployments
+        .delete(name, &DeleteParams::background())
+        .await?;
+    Ok(())
+}
+
+/// A control plane for one test; kept on disk (logs, audit) when the test fails.
+struct OwnPlane(Option<Plane>);
+
+impl OwnPlane {
+    async fn start() -> anyhow::Result<OwnPlane> {
+        let plane = Plane::start(PlaneOptions {
+            progress: false,
+            ..PlaneOptions::default()
+        })
+        .await
+        .context("starting a control plane of the test's own")?;
+        Ok(OwnPlane(Some(plane)))
+    }
+
+    fn get(&self) -> &Plane {
+        self.0.as_ref().expect("present until stopped")
+    }
+
+    /// Stops the plane off the async threads; keeps its directory when `result` is an error.
+    async fn stop<T>(mut self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        let Some(plane) = self.0.take() else {
+            return result;
+        };
+        let result = match result {
+            Err(e) => {
+                plane.set_keep_dir(true);
+                Err(e.context(format!(
+                    "the test's plane is kept in {}",
+                    plane.dir().display()
+                )))
+            }
+            ok => ok,
+        };
+        let _ = tokio::task::spawn_blocking(move || plane.stop()).await;
+        result
+    }
+}
+
+/// Starts `kab operator` as a local process with nothing but the RBAC of the operator's
+/// ServiceAccount.
+fn spawn_operator(plane: &Plane) -> anyhow::Result<Process> {
+    let kubeconfig = plane.write_kubeconfig(OPERATOR_USER, OPERATOR_GROUPS)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kab"));
+    cmd.args(["operator", "--leader-elect"])
+        .args(["--lease-namespace", kab::install::NAMESPACE])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info,kab=debug");
+    plane.spawn("operator", cmd)
+}
+
+/// A namespace enforcing Pod Security `restricted`, once its `default` ServiceAccount exists.
+async fn restricted_namespace(client: &kube::Client, name: &str) -> anyhow::Result<()> {
+    let ns: Namespace = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}},
+    }))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .with_context(|| format!("creating namespace {name}"))?;
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), name);
+    wait_for(
+        &sas,
+        "default",
+        |sa: Option<&ServiceAccount>| sa.is_some(),
+        TIMEOUT,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Names of every object of a kind (cluster-scoped, or in `namespace`), as `Kind/name`.
+async fn names(
+    client: &kube::Client,
+    ar: &ApiResource,
+    namespace: Option<&str>,
+) -> anyhow::Result<BTreeSet<String>> {
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
+        None => Api::all_with(client.clone(), ar),
+    };
+    Ok(api
+        .list(&ListParams::default())
+        .await
+        .with_context(|| format!("listing {}", ar.plural))?
+        .items
+        .iter()
+        .map(|o| format!("{}/{}", ar.kind, o.name_any()))
+        .collect())
+}
+
+fn ar<K: kube::Resource<DynamicType = ()>>() -> ApiResource {
+    ApiResource::erase::<K>(&())
+}
+
+/// Every cluster-scoped object kab or OLM could leave behind.
+async fn cluster_objects(client: &kube::Client) -> anyhow::Result<BTreeSet<String>> {
+    use k8s_openapi::api::admissionregistration::v1::{
+        MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    };
+    let mut all = BTreeSet::new();
+    for r in [
+        ar::<CustomResourceDefinition>(),
+        ar::<ClusterRole>(),
+        ar::<ClusterRoleBinding>(),
+        ar::<ValidatingWebhookConfiguration>(),
+        ar::<MutatingWebhookConfiguration>(),
+        ar::<Namespace>(),
+    ] {
+        all.extend(names(client, &r, None).await?);
+    }
+    Ok(all)
+}
+
+/// Every object of the kinds an install creates, in `namespace`.
+async fn namespaced_objects(
+    client: &kube::Client,
+    namespace: &str,
+) -> anyhow::Result<BTreeSet<String>> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+    let mut all = BTreeSet::new();
+    for r in [
+        ar::<Deployment>(),
+        ar::<k8s_openapi::api::apps::v1::ReplicaSet>(),
+        ar::<k8s_openapi::api::core::v1::Pod>(),
+        ar::<ServiceAccount>(),
+        ar::<Role>(),
+        ar::<RoleBinding>(),
+        ar::<Secret>(),
+        ar::<ConfigMap>(),
+        ar::<Service>(),
+        ar::<Lease>(),
+    ] {
+        all.extend(names(client, &r, Some(namespace)).await?);
+    }
+    Ok(all)
+}
+
+/// Polls `f` until it returns `Ok(None)` or the deadline passes (then the last `Some(why)`).
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<String>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let why = match f().await? {
+            None => return Ok(()),
+            Some(why) => why,
+        };
+        if Instant::now() > deadline {
+            bail!("{what}: still not true after {}s: {why}", timeout.as_secs());
+        }
+        // Garbage collection and namespace deletion have no single object to watch.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn plain_uninstall_leaves_only_the_retained_entity_api(_ctx: Ctx) -> anyhow::Result<()> {
+    let plane = OwnPlane::start().await?;
+    let result = plain_uninstall(plane.get()).await;
+    plane.stop(result).await
+}
+
+async fn plain_uninstall(plane: &Plane) -> anyhow::Result<()> {
+    let client = plane.client();
+    let before = cluster_objects(&client).await?;
+    let manifests = kab(&["install", "--print", "--image", IMAGE]).await?;
+    kubectl(plane, &["apply", "--server-side", "-f", "-"], &manifests).await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), kab::install::NAMESPACE);
+    wait_for(&deployments, kab::install::NAME, available, TIMEOUT).await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    wait_for(&crds, "kabstacks.kab.dev", is_crd_established(), TIMEOUT).await?;
+
+    // A stack made by the operator under the installed RBAC: its entity CRD is what stays.
+    let operator = spawn_operator(plane)?;
+    let ns = "shop";
+    restricted_namespace(&client, ns).await?;
+    let stack = todo_stack(ns)?;
+    apply_stack(&client, &stack).await?;
+    let stacks: Api<KabStack> = Api::namespaced(client.clone(), ns);
+    let ready_stack = wait_for(&stacks, "todo", ready, TIMEOUT)
+        .await
+        .with_context(|| format!("KabStack {ns}/todo not Ready"))?;
+    let entity_crd = ready_stack
+        .status
+        .and_then(|s| s.entity)
+        .context("a Ready stack names its entity API")?;
+
+    // Uninstall as documented: the stacks first (the operator cleans up after them), then the
+    // install.
+    stacks.delete("todo", &DeleteParams::default()).await?;
+    wait_deleted(&stacks, "todo", TIMEOUT).await?;
+    let started = Instant::now();
+    kubectl(
+        plane,
+        &[
+            "delete",
+            "--ignore-not-found",
+            "--wait",
+            "--timeout=120s",
+            "-f",
+            "-",
+        ],
+        &manifests,
+    )
+    .await?;
+    println!(
+        "install_tests: plain uninstall: kubectl delete returned after {:.1?}",
+        started.elapsed()
+    );
+    drop(operator);
+
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    wait_deleted(&namespaces, kab::install::NAMESPACE, TIMEOUT).await?;
+    let allowed: BTreeSet<String> = [
+        format!("CustomResourceDefinition/{entity_crd}"),
+        format!("Namespace/{ns}"),
+    ]
+    .into();
+    eventually("only the retained entity API is left", TIMEOUT, || {
+        let (client, before, allowed) = (&client, &before, &allowed);
+        async move {
+            let after = cluster_objects(client).await?;
+            let left: BTreeSet<_> = after.difference(before).cloned().collect();
+            Ok((left != *allowed).then(|| format!("left: {left:?}, expected {allowed:?}")))
+        }
+    })
+    .await?;
+    // The stack's namespace holds nothing of kab's any more.
+    eventually("the stack's namespace is clean", TIMEOUT, || {
+        let client = &client;
+        async move {
+            let mut left = namespaced_objects(client, ns).await?;
+            left.retain(|o| {
+                !matches!(
+                    o.as_str(),
+                    "ServiceAccount/default" | "ConfigMap/kube-root-ca.crt"
+                )
+            });
+            Ok((!left.is_empty()).then(|| format!("left in {ns}: {left:?}")))
+        }
+    })
+    .await?;
+    println!(
+        "install_tests: plain uninstall left {entity_crd} (deletionPolicy Retain) and nothing else"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// OLM
+// ---------------------------------------------------------------------------------------------
+
+fn csv_resource() -> ApiResource {
+    ApiResource {
+        group: "operators.coreos.com".into(),
+        version: "v1alpha1".into(),
+        api_version: "operators.coreos.com/v1alpha1".into(),
+        kind: "ClusterServiceVersion".into(),
+        plural: "clusterserviceversions".into(),
+    }
+}
+
+/// The directory of OLM's CRDs in the module the olm wrapper builds.
+async fn olm_crds_dir() -> anyhow::Result<PathBuf> {
+    let out = tokio::process::Command::new("go")
+        .args([
+            "mod",
+            "download",
+            "-json",
+            "github.com/operator-framework/operator-lifecycle-manager",
+        ])
+        .current_dir(repo().join("tests/go/olm"))
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("running go mod download in tests/go/olm")?;
+    ensure!(
+        out.status.success(),
+        "go mod download: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: Value = serde_json::from_slice(&out.stdout)?;
+    let dir = info["Dir"]
+        .as_str()
+        .context("go mod download gave no Dir")?;
+    Ok(Path::new(dir).join("deploy/chart/crds"))
+}
+
+/// One observed state of the CSV: seconds since it was created, phase, reason.
+type Transition = (f64, String, String);
+
+/// Records every distinct (phase, reason) of CSV `ns/name` until aborted.
+fn record_transitions(
+    client: kube::Client,
+    ns: &str,
+    name: &str,
+    since: Instant,
+) -> (Arc<Mutex<Vec<Transition>>>, tokio::task::JoinHandle<()>) {
+    let seen: Arc<Mutex<Vec<Transition>>> = Arc::default();
+    let api: Api<DynamicObject> = Api::namespaced_with(client, ns, &csv_resource());
+    let (out, name) = (seen.clone(), name.to_string());
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(watcher::watch_object(api, &name).default_backoff());
+        while let Ok(Some(event)) = stream.try_next().await {
+            let mut v = out.lock().unwrap_or_else(|p| p.into_inner());
+            let (phase, reason) = match &event {
+                None if v.is_empty() => continue, // not created yet
+                None => ("(deleted)".to_string(), String::new()),
+                Some(csv) => (
+                    csv.data["status"]["phase"]
+                        .as_str()
+                        .unwrap_or("(none)")
+                        .into(),
+                    csv.data["status"]["reason"].as_str().unwrap_or("").into(),
+                ),
+            };
+            if v.last().is_none_or(|(_, p, r)| *p != phase || *r != reason) {
+                v.push((since.elapsed().as_secs_f64(), phase, reason));
+            }
+        }
+    });
+    (seen, task)
+}
+
+fn show(transitions: &Arc<Mutex<Vec<Transition>>>) -> String {
+    transitions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(t, p, r)| format!("{t:6.1}s {p} {r}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Waits on a watch until `cond` holds for object `name` (None: absent); returns it.
+async fn wait_dynamic(
+    api: &Api<DynamicObject>,
+    name: &str,
+    cond: impl Fn(Option<&DynamicObject>) -> bool,
+    timeout: Duration,
+) -> anyhow::Result<Option<DynamicObject>> {
+    let mut stream = std::pin::pin!(watcher::watch_object(api.clone(), name).default_backoff());
+    let mut last = None;
+    let found = tokio::time::timeout(timeout, async {
+        while let Some(o) = stream.try_next().await? {
+            if cond(o.as_ref()) {
+                return Ok::<_, anyhow::Error>(o);
+            }
+            last = o.map(|o| o.data["status"].clone());
+        }
+        Err(anyhow!("the watch of {name} ended"))
+    })
+    .await;
+    match found {
+        Ok(r) => r,
+        Err(_) => bail!(
+            "timed out after {}s waiting for {name}; last status: {}",
+            timeout.as_secs(),
+            last.unwrap_or_default()
+        ),
+    }
+}
+
+async fn olm_installs_the_bundle_and_uninstall_leaves_what_olm_keeps(
+    _ctx: Ctx,
+) -> anyhow::Result<()> {
+    let olm_bin = go_tool("olm").await?.join("olm");
+    let crds_dir = olm_crds_dir().await?;
+    let plane = OwnPlane::start().await?;
+    let result = olm_install(plane.get(), &olm_bin, &crds_dir).await;
+    plane.stop(result).await
+}
+
+async fn olm_install(plane: &Plane, olm_bin: &Path, crds_dir: &Path) -> anyhow::Result<()> {
+    let client = plane.client();
+    let version = env!("CARGO_PKG_VERSION");
+    let manifests = bundle_dir().join("manifests");
+    let csv_text = std::fs::read_to_string(manifests.join("kab.clusterserviceversion.yaml"))?;
+    let crd_text = std::fs::read_to_string(manifests.join("kab.dev_kabstacks.yaml"))?;
+    let csv_value: Value = serde_saphyr::from_str(&csv_text)?;
+    let csv_name = format!("kab.v{version}");
+    ensure!(csv_value["metadata"]["name"] == csv_name.as_str());
+
+    // OLM itself: its CRDs (server-side: the CSV CRD is too large for client-side apply), then
+    // olm-operator once they are Established (it exits at start-up otherwise).
+    kubectl(
+        plane,
+        &["apply", "--server-side", "-f", &crds_dir.to_string_lossy()],
+        "",
+    )
+    .await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for entry in std::fs::read_dir(crds_dir)?.flatten() {
+        let crd: Value = serde_saphyr::from_str(&std::fs::read_to_string(entry.path())?)?;
+        let name = crd["metadata"]["name"].as_str().context("CRD name")?;
+        wait_for(&crds, name, is_crd_established(), TIMEOUT).await?;
+    }
+    let olm_ns = "olm";
+    restricted_namespace(&client, olm_ns).await?;
+    let mut cmd = Command::new(olm_bin);
+    cmd.args([
+        &format!("--namespace={olm_ns}"),
+        "--writeStatusName=",
+        "--writePackageServerStatusName=",
+    ])
+    .env("KUBECONFIG", plane.kubeconfig_path());
+    let mut olm = plane.spawn("olm-operator", cmd)?;
+    let olm_log = olm.log_path().to_path_buf();
+
+    // What exists before the operator is installed.
+    let ns = "kab-olm";
+    let cluster_before = cluster_objects(&client).await?;
+    restricted_namespace(&client, ns).await?;
+    let ns_before = namespaced_objects(&client, ns).await?;
+
+    // Exactly one OperatorGroup, targeting its own namespace (OwnNamespace).
+    let og = json!({
+        "apiVersion": "operators.coreos.com/v1", "kind": "OperatorGroup",
+        "metadata": {"name": "kab", "namespace": ns},
+        "spec": {"targetNamespaces": [ns]},
+    });
+    kubectl(
+        plane,
+        &["apply", "--server-side", "-f", "-"],
+        &og.to_string(),
+    )
+    .await?;
+    // The owned CRD (catalog-operator's job in a full OLM).
+    kubectl(plane, &["apply", "--server-side", "-f", "-"], &crd_text).await?;
+    wait_for(&crds, "kabstacks.kab.dev", is_crd_established(), TIMEOUT).await?;
+
+    // The CSV, then the ServiceAccount and RBAC it asks for, as catalog-operator would create
+    // them: labelled olm.managed=true (olm-operator's informers filter on it), namespaced ones
+    // owned by the CSV, cluster-scoped ones carrying the owner labels OLM cleans up by.
+    let csvs: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &csv_resource());
+    let mut csv: DynamicObject = serde_json::from_value(csv_value.clone())?;
+    csv.metadata.namespace = Some(ns.into());
+    let created_at = Instant::now();
+    let (transitions, recorder) = record_transitions(client.clone(), ns, &csv_name, created_at);
+    let csv = csvs.create(&PostParams::default(), &csv).await?;
+    let uid = csv.metadata.uid.clone().context("CSV uid")?;
+    let owner_labels = json!({
+        "olm.managed": "true",
+        "olm.owner": csv_name,
+        "olm.owner.kind": "ClusterServiceVersion",
+        "olm.owner.namespace": ns,
+    });
+    let owner_ref = json!([{
+        "apiVersion": "operators.coreos.com/v1alpha1", "kind": "ClusterServiceVersion",
+        "name": csv_name, "uid": uid, "controller": false, "blockOwnerDeletion": false,
+    }]);
+    let strategy = &csv_value["spec"]["install"]["spec"];
+    let mut objects = Vec::new();
+    let mut service_accounts = BTreeSet::new();
+    for (i, p) in strategy["permissions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let sa = p["serviceAccountName"]
+            .as_str()
+            .context("serviceAccountName")?;
+        service_accounts.insert(sa.to_string());
+        let role = format!("{csv_name}-{sa}-{i}");
+        let meta = json!({"name": role, "namespace": ns, "labels": owner_labels, "ownerReferences": owner_ref});
+        objects.push(
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                            "metadata": meta, "rules": p["rules"]}),
+        );
+        objects.push(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
+                            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+                            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]}));
+    }
+    for (i, p) in strategy["clusterPermissions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let sa = p["serviceAccountName"]
+            .as_str()
+            .context("serviceAccountName")?;
+        service_accounts.insert(sa.to_string());
+        let role = format!("{csv_name}-{sa}-cluster-{i}");
+        let meta = json!({"name": role, "labels": owner_labels});
+        objects.push(
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                            "metadata": meta, "rules": p["rules"]}),
+        );
+        objects.push(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": meta,
+                            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]}));
+    }
+    for sa in &service_accounts {
+        objects.push(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                            "metadata": {"name": sa, "namespace": ns, "labels": owner_labels, "ownerReferences": owner_ref}}));
+    }
+    let yaml = objects
+        .iter()
+        .map(|o| serde_saphyr::to_string(o).map_err(anyhow::Error::from))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .join("---\n");
+    kubectl(plane, &["apply", "--server-side", "-f", "-"], &yaml).await?;
+
+    // Pending → … → Succeeded once the operator Deployment OLM creates is Available.
+    let succeeded = |o: Option<&DynamicObject>| {
+        o.is_some_and(|c| {
+            matches!(
+                c.data["status"]["phase"].as_str(),
+                Some("Succeeded" | "Failed")
+            )
+        })
+    };
+    let status = match wait_dynamic(&csvs, &csv_name, succeeded, Duration::from_secs(240)).await {
+        Ok(csv) => csv.map(|c| c.data["status"].clone()).unwrap_or_default(),
+        Err(e) => bail!(
+            "CSV {ns}/{csv_name}: {e:#}; phases:\n{}\nolm-operator exited: {:?}; its log ends with:\n{}",
+            show(&transitions),
+            olm.exited(),
+            tail(&olm_log, 30)
+        ),
+    };
+    ensure!(
+        status["phase"] == "Succeeded",
+        "CSV {ns}/{csv_name}: {status}\nphases:\n{}",
+        show(&transitions)
+    );
+    println!(
+        "install_tests: OLM: CSV {csv_name} phases (seconds after creation):\n{}",
+        show(&transitions)
+    );
+
+    // The operator Deployment OLM created: Available, told which namespaces to watch.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let deployment = wait_for(&deployments, kab::install::NAME, available, TIMEOUT).await?;
+    let annotations = deployment
+        .spec
+        .template
+        .metadata
+        .and_then(|m| m.annotations)
+        .unwrap_or_default();
+    ensure!(
+        annotations.get("olm.targetNamespaces").map(String::as_str) == Some(ns),
+        "pod template annotations: {annotations:?}"
+    );
+
+    // Uninstall: delete the CSV. OLM's finalizer removes the cluster-scoped RBAC it owns, the
+    // garbage collector the Deployment, ServiceAccount and namespaced RBAC.
+    let deleting = Instant::now();
+    csvs.delete(&csv_name, &DeleteParams::background()).await?;
+    wait_dynamic(&csvs, &csv_name, |o| o.is_none(), TIMEOUT)
+        .await
+        .with_context(|| format!("olm-operator log ends with:\n{}", tail(&olm_log, 30)))?;
+    let cluster_by_design: BTreeMap<String, &str> = [
+        (
+            "CustomResourceDefinition/kabstacks.kab.dev".to_string(),
+            "OLM never deletes a CRD: KabStacks are the users' data",
+        ),
+        (
+            format!("Namespace/{ns}"),
+            "created by the user with the OperatorGroup",
+        ),
+    ]
+    .into();
+    let deadline = Instant::now() + TIMEOUT;
+    let left_cluster = loop {
+        let left_cluster: BTreeSet<String> = cluster_objects(&client)
+            .await?
+            .difference(&cluster_before)
+            .cloned()
+            .collect();
+        let left_ns: BTreeSet<String> = namespaced_objects(&client, ns)
+            .await?
+            .difference(&ns_before)
+            .cloned()
+            .collect();
+        let unexpected: Vec<&String> = left_cluster
+            .iter()
+            .filter(|o| !cluster_by_design.contains_key(*o))
+            .chain(left_ns.iter())
+            .collect();
+        if unexpected.is_empty() {
+            break left_cluster;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "after deleting the CSV, still left: {unexpected:?}\nolm-operator log ends with:\n{}",
+                tail(&olm_log, 30)
+            );
+        }
+        // Garbage collection has no single object to watch.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    recorder.abort();
+    println!(
+        "install_tests: OLM: CSV deleted, its objects gone after {:.1?}; left by design: {left_cluster:?}",
+        deleting.elapsed()
+    );
+    ensure!(
+        olm.exited().is_none(),
+        "olm-operator exited; its log ends with:\n{}",
+        tail(&olm_log, 30)
+    );
+    Ok(())
+}

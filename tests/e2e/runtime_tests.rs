@@ -1,0 +1,197 @@
+//! The local workload runtime: pods the scheduler binds to the `kab-local` node run as real local
+//! processes from the specs the operator rendered; readiness follows real probes; a crashing
+//! process is a failing pod; Services reach local pods.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use kab::api::KabStack;
+use kab::plane::Plane;
+use kab::runtime::{LocalRuntime, ProcessInfo};
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+use crate::support::{Ctx, Test, e2e_tests, wait_for};
+
+pub fn tests() -> Vec<Test> {
+    e2e_tests![
+        a_non_kab_image_is_reported_not_runnable,
+        the_managed_broker_runs_as_a_real_nats_server,
+        a_killed_process_makes_its_pod_unready_and_is_restarted,
+    ]
+}
+
+/// The runtime shared by the run (one `kab-local` node).
+pub struct Runtime(Mutex<LocalRuntime>);
+
+impl Runtime {
+    /// The processes it runs now.
+    pub fn processes(&self) -> Vec<ProcessInfo> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).processes()
+    }
+}
+
+/// Starts (once) the local runtime with the built kab binary and the plane's nats-server.
+pub async fn runtime(ctx: &Ctx) -> anyhow::Result<Arc<Runtime>> {
+    ctx.shared(|plane: Arc<Plane>| async move {
+        let p = plane.clone();
+        let identity: kab::runtime::IdentityFn = Arc::new(move |user, groups| p.write_kubeconfig(user, groups));
+        let mut config = kab::runtime::RuntimeConfig::new(
+            plane.dir().join("runtime"),
+            env!("CARGO_BIN_EXE_kab").into(),
+            plane.bin("nats-server"),
+            identity,
+        );
+        // Kept with the plane's logs when a test fails.
+        config.logs = plane.logs_dir().to_path_buf();
+        let rt = LocalRuntime::start(plane.client(), config).await?;
+        Ok(Runtime(Mutex::new(rt)))
+    })
+    .await
+}
+
+/// A namespace whose pods the local runtime runs.
+pub async fn local_namespace(ctx: &Ctx, prefix: &str) -> anyhow::Result<String> {
+    runtime(ctx).await?;
+    ctx.namespace_with(prefix, kab::runtime::namespace_annotations()).await
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+async fn a_non_kab_image_is_reported_not_runnable(ctx: Ctx) -> anyhow::Result<()> {
+    let ns = local_namespace(&ctx, "rt-foreign").await?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client(), &ns);
+    let mut pod = crate::support::fixtures::pod("web", &[("app", "web")]);
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.containers[0].image = Some("docker.io/library/nginx:1.27".into());
+    }
+    pods.create(&PostParams::default(), &pod).await?;
+    let p = wait_for(
+        &pods,
+        "web",
+        |p: Option<&Pod>| {
+            p.and_then(|p| p.status.as_ref())
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref())
+                            == Some("NotRunnableLocally")
+                    })
+                })
+        },
+        Duration::from_secs(60),
+    )
+    .await?;
+    ensure!(p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(kab::runtime::NODE_NAME));
+    ensure!(!pod_ready(&p), "a pod that cannot run must not be Ready");
+    ensure!(p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending"));
+    Ok(())
+}
+
+/// A stack with only a managed broker part checked: the StatefulSet's pod runs the real
+/// nats-server with the rendered configuration, its readiness comes from NATS's /healthz, and the
+/// Service reaches it.
+async fn the_managed_broker_runs_as_a_real_nats_server(ctx: Ctx) -> anyhow::Result<()> {
+    crate::operator_tests::operator(&ctx).await?;
+    let rt = runtime(&ctx).await?;
+    let ns = local_namespace(&ctx, "rt-broker").await?;
+    let mut stack = crate::operator_tests::todo_stack(&ns, "todo", &format!("{ns}.e2e.example.com"))?;
+    stack["spec"]["rules"] = json!([]);
+    stack["spec"]["webhook"]["failurePolicy"] = json!("Ignore");
+    crate::operator_tests::apply_stack(&ctx, &stack).await?;
+    let sts: Api<StatefulSet> = Api::namespaced(ctx.client(), &ns);
+    wait_for(
+        &sts,
+        "todo-broker",
+        |s: Option<&StatefulSet>| s.and_then(|s| s.status.as_ref()).and_then(|s| s.ready_replicas) == Some(1),
+        Duration::from_secs(90),
+    )
+    .await
+    .context("broker not ready")?;
+    let nats = rt
+        .processes()
+        .into_iter()
+        .find(|p| p.namespace == ns && p.pod == "todo-broker-0")
+        .context("no local process for the broker pod")?;
+    let pid = nats.pid.context("broker process not running")?;
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))?.replace('\0', " ");
+    ensure!(cmdline.contains("nats-server") && cmdline.contains("nats.conf"), "broker command line: {cmdline}");
+    // The Service reaches it: the NATS monitoring endpoint through the ClusterIP.
+    let svc = Api::<k8s_openapi::api::core::v1::Service>::namespaced(ctx.client(), &ns).get("todo-broker").await?;
+    let ip = svc.spec.and_then(|s| s.cluster_ip).context("no ClusterIP")?;
+    let body = http_get(&format!("{ip}:8222"), "/healthz").await?;
+    ensure!(body.contains("200 OK"), "NATS /healthz through the Service: {body}");
+    let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
+    wait_for(
+        &stacks,
+        "todo",
+        |s: Option<&KabStack>| {
+            s.and_then(|s| s.status.as_ref())
+                .and_then(|s| kab::status::condition(s, "BrokerReady"))
+                .is_some_and(|c| c.status == "True")
+        },
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+/// Killing a process makes its pod un-ready (the Deployment loses availability), the runtime
+/// restarts it with a restart count, and the pod becomes Ready again.
+async fn a_killed_process_makes_its_pod_unready_and_is_restarted(ctx: Ctx) -> anyhow::Result<()> {
+    crate::operator_tests::operator(&ctx).await?;
+    let rt = runtime(&ctx).await?;
+    let ns = local_namespace(&ctx, "rt-kill").await?;
+    let mut stack = crate::operator_tests::todo_stack(&ns, "todo", &format!("{ns}.e2e.example.com"))?;
+    stack["spec"]["rules"] = json!([]);
+    stack["spec"]["webhook"]["failurePolicy"] = json!("Ignore");
+    crate::operator_tests::apply_stack(&ctx, &stack).await?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client(), &ns);
+    let broker = wait_for(&pods, "todo-broker-0", |p: Option<&Pod>| p.is_some_and(pod_ready), Duration::from_secs(90))
+        .await
+        .context("broker pod not Ready")?;
+    let restarts = |p: &Pod| {
+        p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|c| c.first()).map(|c| c.restart_count).unwrap_or(0)
+    };
+    let before = restarts(&broker);
+    let pid = rt
+        .processes()
+        .into_iter()
+        .find(|p| p.namespace == ns && p.pod == "todo-broker-0")
+        .and_then(|p| p.pid)
+        .context("no broker process")?;
+    // SAFETY: kill(2) of a process the runtime started for this test's pod.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+    wait_for(&pods, "todo-broker-0", |p: Option<&Pod>| p.is_some_and(|p| !pod_ready(p)), Duration::from_secs(30))
+        .await
+        .context("pod still Ready after its process was killed")?;
+    let back = wait_for(
+        &pods,
+        "todo-broker-0",
+        move |p: Option<&Pod>| p.is_some_and(|p| pod_ready(p) && restarts(p) > before),
+        Duration::from_secs(60),
+    )
+    .await
+    .context("pod not restarted and Ready again")?;
+    ensure!(restarts(&back) == before + 1, "restart count {}", restarts(&back));
+    Ok(())
+}
