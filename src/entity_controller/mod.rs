@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
@@ -193,9 +193,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     {
         let (store, metrics) = (store.clone(), metrics.clone());
         tokio::spawn(async move {
-            if store.wait_until_ready().await.is_ok() {
-                tracing::info!(entities = store.len(), "watching entities");
-                metrics.set_watching(true);
+            // kube-runtime's readiness wakes only its last waiter (the controller's own runner
+            // waits too): look again until it says ready.
+            loop {
+                if let Ok(ready) =
+                    tokio::time::timeout(Duration::from_millis(200), store.wait_until_ready()).await
+                {
+                    if ready.is_ok() {
+                        tracing::info!(entities = store.len(), "watching entities");
+                        metrics.set_watching(true);
+                    }
+                    break;
+                }
             }
         });
     }
@@ -319,7 +328,7 @@ async fn watch_backlog(store: Store<DynamicObject>, ctx: Arc<Context>) {
             .iter()
             .filter_map(|o| o.metadata.uid.clone())
             .collect();
-        if store.wait_until_ready().await.is_ok() {
+        if let Some(Ok(())) = store.wait_until_ready().now_or_never() {
             ctx.retain(&uids);
         }
     }

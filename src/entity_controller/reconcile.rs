@@ -160,6 +160,17 @@ impl Context {
     }
 }
 
+/// The generation of the entity's content: its generation, less the bump the API server makes
+/// when it marks an entity with finalizers for deletion.
+fn content_generation(obj: &DynamicObject) -> i64 {
+    let generation = obj.metadata.generation.unwrap_or(1);
+    if obj.metadata.deletion_timestamp.is_some() {
+        (generation - 1).max(1)
+    } else {
+        generation
+    }
+}
+
 fn has_finalizer(obj: &DynamicObject) -> bool {
     obj.finalizers().iter().any(|f| f == FINALIZER)
 }
@@ -261,11 +272,11 @@ async fn process(obj: &DynamicObject, ctx: &Context) -> Result<Action, Error> {
 }
 
 /// Publishes the entity's current generation if it was not published yet (as `created` when
-/// nothing was, else `updated`).
+/// nothing was, else `updated`). The API server bumps the generation once more when it marks an
+/// entity with finalizers for deletion: that bump is the deletion, not an update.
 async fn catch_up(obj: &DynamicObject, ctx: &Context, outcome: &mut Outcome) -> Result<(), Error> {
-    let generation = obj.metadata.generation.unwrap_or(1);
     match ctx.done(obj) {
-        Some(done) if done >= generation => Ok(()),
+        Some(done) if done >= content_generation(obj) => Ok(()),
         Some(_) => send(obj, ctx, Change::Updated, outcome).await,
         None => send(obj, ctx, Change::Created, outcome).await,
     }
@@ -301,7 +312,7 @@ async fn send(
             // The creation was published before (a crash came between the ack and the status
             // write); if the entity changed since, that change is an update of its own.
             let original = broker.generation_of(ack.sequence).await;
-            if original.is_none_or(|g| g < generation) {
+            if original.is_none_or(|g| g < content_generation(obj)) {
                 let update = event::cloud_event(config, obj, Change::Updated, time);
                 let ack = publish(
                     ctx,

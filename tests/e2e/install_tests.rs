@@ -479,61 +479,50 @@ async fn restricted_namespace(client: &kube::Client, name: &str) -> anyhow::Resu
     Ok(())
 }
 
-/// Names of every object of a kind (cluster-scoped, or in `namespace`), as `Kind/name`.
-async fn names(
-    client: &kube::Client,
-    ar: &ApiResource,
-    namespace: Option<&str>,
-) -> anyhow::Result<BTreeSet<String>> {
-    let api: Api<DynamicObject> = match namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
-        None => Api::all_with(client.clone(), ar),
-    };
-    Ok(api
-        .list(&ListParams::default())
-        .await
-        .with_context(|| format!("listing {}", ar.plural))?
-        .items
-        .iter()
-        .map(|o| format!("{}/{}", ar.kind, o.name_any()))
-        .collect())
-}
-
 fn ar<K: kube::Resource<DynamicType = ()>>() -> ApiResource {
     ApiResource::erase::<K>(&())
 }
 
-/// Every cluster-scoped object kab or OLM could leave behind.
-async fn cluster_objects(client: &kube::Client) -> anyhow::Result<BTreeSet<String>> {
+fn olm_resource(version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: "operators.coreos.com".into(),
+        version: version.into(),
+        api_version: format!("operators.coreos.com/{version}"),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+fn csv_resource() -> ApiResource {
+    olm_resource(
+        "v1alpha1",
+        "ClusterServiceVersion",
+        "clusterserviceversions",
+    )
+}
+
+/// Every object an install could leave behind: cluster-scoped ones as `Kind/name`, those of
+/// `namespaces` as `namespace/Kind/name`. Kinds the cluster does not serve count as empty.
+async fn objects(client: &kube::Client, namespaces: &[&str]) -> anyhow::Result<BTreeSet<String>> {
     use k8s_openapi::api::admissionregistration::v1::{
         MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
     };
-    let mut all = BTreeSet::new();
-    for r in [
+    use k8s_openapi::api::apps::v1::ReplicaSet;
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+    let cluster = [
         ar::<CustomResourceDefinition>(),
         ar::<ClusterRole>(),
         ar::<ClusterRoleBinding>(),
         ar::<ValidatingWebhookConfiguration>(),
         ar::<MutatingWebhookConfiguration>(),
         ar::<Namespace>(),
-    ] {
-        all.extend(names(client, &r, None).await?);
-    }
-    Ok(all)
-}
-
-/// Every object of the kinds an install creates, in `namespace`.
-async fn namespaced_objects(
-    client: &kube::Client,
-    namespace: &str,
-) -> anyhow::Result<BTreeSet<String>> {
-    use k8s_openapi::api::coordination::v1::Lease;
-    use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
-    let mut all = BTreeSet::new();
-    for r in [
+        olm_resource("v1", "Operator", "operators"),
+    ];
+    let namespaced = [
         ar::<Deployment>(),
-        ar::<k8s_openapi::api::apps::v1::ReplicaSet>(),
-        ar::<k8s_openapi::api::core::v1::Pod>(),
+        ar::<ReplicaSet>(),
+        ar::<Pod>(),
         ar::<ServiceAccount>(),
         ar::<Role>(),
         ar::<RoleBinding>(),
@@ -541,41 +530,93 @@ async fn namespaced_objects(
         ar::<ConfigMap>(),
         ar::<Service>(),
         ar::<Lease>(),
-    ] {
-        all.extend(names(client, &r, Some(namespace)).await?);
+        csv_resource(),
+        olm_resource("v1", "OperatorGroup", "operatorgroups"),
+        olm_resource("v2", "OperatorCondition", "operatorconditions"),
+    ];
+    let mut all = BTreeSet::new();
+    let scopes = cluster.iter().map(|r| (r, None)).chain(
+        namespaces
+            .iter()
+            .flat_map(|ns| namespaced.iter().map(move |r| (r, Some(*ns)))),
+    );
+    for (r, ns) in scopes {
+        let api: Api<DynamicObject> = match ns {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, r),
+            None => Api::all_with(client.clone(), r),
+        };
+        let list = match api.list(&ListParams::default()).await {
+            Ok(list) => list,
+            Err(kube::Error::Api(e)) if e.code == 404 => continue,
+            Err(e) => return Err(e).with_context(|| format!("listing {}", r.plural)),
+        };
+        let prefix = ns.map(|ns| format!("{ns}/")).unwrap_or_default();
+        all.extend(
+            list.items
+                .iter()
+                .map(|o| format!("{prefix}{}/{}", r.kind, o.name_any())),
+        );
     }
     Ok(all)
 }
 
-/// Polls `f` until it returns `Ok(None)` or the deadline passes (then the last `Some(why)`).
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<String>>>,
-{
-    let deadline = Instant::now() + timeout;
+/// What an object of `expected` matches: a name, or a prefix ending in `*`.
+fn matches(pattern: &str, object: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => object.starts_with(prefix),
+        None => object == pattern,
+    }
+}
+
+/// Waits until the objects created since `before` are exactly those `expected` describes (each
+/// pattern matching at least one); returns them. `why` explains a failure.
+async fn wait_left(
+    client: &kube::Client,
+    namespaces: &[&str],
+    before: &BTreeSet<String>,
+    expected: &[&str],
+    why: impl Fn() -> String,
+) -> anyhow::Result<BTreeSet<String>> {
+    let deadline = Instant::now() + TIMEOUT;
     loop {
-        let why = match f().await? {
-            None => return Ok(()),
-            Some(why) => why,
-        };
-        if Instant::now() > deadline {
-            bail!("{what}: still not true after {}s: {why}", timeout.as_secs());
+        let left: BTreeSet<String> = objects(client, namespaces)
+            .await?
+            .difference(before)
+            .cloned()
+            .collect();
+        let unexpected: Vec<&String> = left
+            .iter()
+            .filter(|o| !expected.iter().any(|p| matches(p, o)))
+            .collect();
+        let missing: Vec<&&str> = expected
+            .iter()
+            .filter(|p| !left.iter().any(|o| matches(p, o)))
+            .collect();
+        if unexpected.is_empty() && missing.is_empty() {
+            return Ok(left);
         }
-        // Garbage collection and namespace deletion have no single object to watch.
+        if Instant::now() > deadline {
+            bail!(
+                "after {}s, left: {unexpected:?}; missing: {missing:?}\n{}",
+                TIMEOUT.as_secs(),
+                why()
+            );
+        }
+        // Garbage collection has no single object to watch.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
 async fn plain_uninstall_leaves_only_the_retained_entity_api(_ctx: Ctx) -> anyhow::Result<()> {
     let plane = OwnPlane::start().await?;
-    let result = plain_uninstall(plane.get()).await;
+    let result = plain_install_and_uninstall(plane.get()).await;
     plane.stop(result).await
 }
 
-async fn plain_uninstall(plane: &Plane) -> anyhow::Result<()> {
+async fn plain_install_and_uninstall(plane: &Plane) -> anyhow::Result<()> {
     let client = plane.client();
-    let before = cluster_objects(&client).await?;
+    let ns = "shop";
+    let before = objects(&client, &[ns]).await?;
     let manifests = kab(&["install", "--print", "--image", IMAGE]).await?;
     kubectl(plane, &["apply", "--server-side", "-f", "-"], &manifests).await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), kab::install::NAMESPACE);
@@ -585,73 +626,60 @@ async fn plain_uninstall(plane: &Plane) -> anyhow::Result<()> {
 
     // A stack made by the operator under the installed RBAC: its entity CRD is what stays.
     let operator = spawn_operator(plane)?;
-    let ns = "shop";
     restricted_namespace(&client, ns).await?;
-    let stack = todo_stack(ns)?;
-    apply_stack(&client, &stack).await?;
+    apply_stack(&client, &todo_stack(ns)?).await?;
     let stacks: Api<KabStack> = Api::namespaced(client.clone(), ns);
-    let ready_stack = wait_for(&stacks, "todo", ready, TIMEOUT)
+    let stack = wait_for(&stacks, "todo", ready, TIMEOUT)
         .await
         .with_context(|| format!("KabStack {ns}/todo not Ready"))?;
-    let entity_crd = ready_stack
+    let entity_crd = stack
         .status
         .and_then(|s| s.entity)
         .context("a Ready stack names its entity API")?;
 
-    // Uninstall as documented: the stacks first (the operator cleans up after them), then the
-    // install.
-    stacks.delete("todo", &DeleteParams::default()).await?;
-    wait_deleted(&stacks, "todo", TIMEOUT).await?;
+    // Uninstall as the README says: the stacks first, in the foreground (a stack is gone only
+    // once its children are: the KabStack CRD must outlive them, or the garbage collector can no
+    // longer resolve their owner and leaves them behind), then the install.
     let started = Instant::now();
     kubectl(
         plane,
         &[
             "delete",
-            "--ignore-not-found",
-            "--wait",
+            "kabstacks",
+            "--all",
+            "--all-namespaces",
+            "--cascade=foreground",
             "--timeout=120s",
-            "-f",
-            "-",
         ],
+        "",
+    )
+    .await?;
+    let stacks_gone = started.elapsed();
+    kubectl(
+        plane,
+        &["delete", "--ignore-not-found", "--timeout=120s", "-f", "-"],
         &manifests,
     )
     .await?;
     println!(
-        "install_tests: plain uninstall: kubectl delete returned after {:.1?}",
-        started.elapsed()
+        "install_tests: plain uninstall: stacks deleted in {stacks_gone:.1?}, the install in {:.1?}",
+        started.elapsed() - stacks_gone
     );
     drop(operator);
 
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    wait_deleted(&namespaces, kab::install::NAMESPACE, TIMEOUT).await?;
-    let allowed: BTreeSet<String> = [
-        format!("CustomResourceDefinition/{entity_crd}"),
-        format!("Namespace/{ns}"),
-    ]
-    .into();
-    eventually("only the retained entity API is left", TIMEOUT, || {
-        let (client, before, allowed) = (&client, &before, &allowed);
-        async move {
-            let after = cluster_objects(client).await?;
-            let left: BTreeSet<_> = after.difference(before).cloned().collect();
-            Ok((left != *allowed).then(|| format!("left: {left:?}, expected {allowed:?}")))
-        }
-    })
-    .await?;
-    // The stack's namespace holds nothing of kab's any more.
-    eventually("the stack's namespace is clean", TIMEOUT, || {
-        let client = &client;
-        async move {
-            let mut left = namespaced_objects(client, ns).await?;
-            left.retain(|o| {
-                !matches!(
-                    o.as_str(),
-                    "ServiceAccount/default" | "ConfigMap/kube-root-ca.crt"
-                )
-            });
-            Ok((!left.is_empty()).then(|| format!("left in {ns}: {left:?}")))
-        }
-    })
+    let expected = [
+        &format!("CustomResourceDefinition/{entity_crd}")[..], // deletionPolicy: Retain
+        &format!("Namespace/{ns}"),
+        &format!("{ns}/ServiceAccount/default"),
+        &format!("{ns}/ConfigMap/kube-root-ca.crt"),
+    ];
+    wait_left(
+        &client,
+        &[ns, kab::install::NAMESPACE],
+        &before,
+        &expected,
+        String::new,
+    )
     .await?;
     println!(
         "install_tests: plain uninstall left {entity_crd} (deletionPolicy Retain) and nothing else"
@@ -662,16 +690,6 @@ async fn plain_uninstall(plane: &Plane) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // OLM
 // ---------------------------------------------------------------------------------------------
-
-fn csv_resource() -> ApiResource {
-    ApiResource {
-        group: "operators.coreos.com".into(),
-        version: "v1alpha1".into(),
-        api_version: "operators.coreos.com/v1alpha1".into(),
-        kind: "ClusterServiceVersion".into(),
-        plural: "clusterserviceversions".into(),
-    }
-}
 
 /// The directory of OLM's CRDs in the module the olm wrapper builds.
 async fn olm_crds_dir() -> anyhow::Result<PathBuf> {
@@ -700,18 +718,87 @@ async fn olm_crds_dir() -> anyhow::Result<PathBuf> {
     Ok(Path::new(dir).join("deploy/chart/crds"))
 }
 
+/// olm-operator running against `plane`, after OLM's CRDs are Established.
+async fn start_olm(plane: &Plane, olm_bin: &Path, crds_dir: &Path) -> anyhow::Result<Process> {
+    // Server-side: the CSV CRD is too large for a client-side apply's annotation.
+    let dir = crds_dir.to_string_lossy();
+    kubectl(plane, &["apply", "--server-side", "-f", &dir], "").await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(plane.client());
+    for entry in std::fs::read_dir(crds_dir)?.flatten() {
+        let crd: Value = serde_saphyr::from_str(&std::fs::read_to_string(entry.path())?)?;
+        let name = crd["metadata"]["name"].as_str().context("CRD name")?;
+        // olm-operator exits at start-up when its kinds are not served yet.
+        wait_for(&crds, name, is_crd_established(), TIMEOUT).await?;
+    }
+    restricted_namespace(&plane.client(), "olm").await?;
+    let mut cmd = Command::new(olm_bin);
+    cmd.args([
+        "--namespace=olm",
+        "--writeStatusName=",
+        "--writePackageServerStatusName=",
+    ])
+    .env("KUBECONFIG", plane.kubeconfig_path());
+    plane.spawn("olm-operator", cmd)
+}
+
+/// The ServiceAccount and RBAC the CSV's install strategy asks for, as catalog-operator creates
+/// them: labelled `olm.managed=true` (olm-operator's informers filter on it), namespaced ones
+/// owned by the CSV, cluster-scoped ones with the owner labels OLM's CSV finalizer deletes by.
+fn csv_rbac(csv: &Value, ns: &str, uid: &str) -> anyhow::Result<Vec<Value>> {
+    let name = csv["metadata"]["name"].as_str().context("CSV name")?;
+    let labels = json!({"olm.managed": "true", "olm.owner": name,
+                        "olm.owner.kind": "ClusterServiceVersion", "olm.owner.namespace": ns});
+    let owners = json!([{"apiVersion": "operators.coreos.com/v1alpha1", "kind": "ClusterServiceVersion",
+                         "name": name, "uid": uid, "controller": false, "blockOwnerDeletion": false}]);
+    let strategy = &csv["spec"]["install"]["spec"];
+    let mut objects = Vec::new();
+    let mut accounts = BTreeSet::new();
+    for (key, cluster) in [("permissions", false), ("clusterPermissions", true)] {
+        for (i, p) in strategy[key].as_array().into_iter().flatten().enumerate() {
+            let sa = p["serviceAccountName"]
+                .as_str()
+                .context("serviceAccountName")?;
+            accounts.insert(sa.to_string());
+            let (role_kind, binding_kind, meta) = if cluster {
+                (
+                    "ClusterRole",
+                    "ClusterRoleBinding",
+                    json!({"name": format!("{name}-{sa}-cluster-{i}"), "labels": labels}),
+                )
+            } else {
+                (
+                    "Role",
+                    "RoleBinding",
+                    json!({"name": format!("{name}-{sa}-{i}"), "namespace": ns,
+                                                "labels": labels, "ownerReferences": owners}),
+                )
+            };
+            objects.push(
+                json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": role_kind,
+                                "metadata": meta, "rules": p["rules"]}),
+            );
+            objects.push(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": binding_kind, "metadata": meta,
+                                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": meta["name"]},
+                                "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]}));
+        }
+    }
+    for sa in accounts {
+        objects.push(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                            "metadata": {"name": sa, "namespace": ns, "labels": labels, "ownerReferences": owners}}));
+    }
+    Ok(objects)
+}
+
 /// One observed state of the CSV: seconds since it was created, phase, reason.
 type Transition = (f64, String, String);
 
 /// Records every distinct (phase, reason) of CSV `ns/name` until aborted.
 fn record_transitions(
-    client: kube::Client,
-    ns: &str,
+    api: Api<DynamicObject>,
     name: &str,
     since: Instant,
 ) -> (Arc<Mutex<Vec<Transition>>>, tokio::task::JoinHandle<()>) {
     let seen: Arc<Mutex<Vec<Transition>>> = Arc::default();
-    let api: Api<DynamicObject> = Api::namespaced_with(client, ns, &csv_resource());
     let (out, name) = (seen.clone(), name.to_string());
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(watcher::watch_object(api, &name).default_backoff());
@@ -723,7 +810,7 @@ fn record_transitions(
                 Some(csv) => (
                     csv.data["status"]["phase"]
                         .as_str()
-                        .unwrap_or("(none)")
+                        .unwrap_or("(no status)")
                         .into(),
                     csv.data["status"]["reason"].as_str().unwrap_or("").into(),
                 ),
@@ -741,7 +828,25 @@ fn show(transitions: &Arc<Mutex<Vec<Transition>>>) -> String {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .map(|(t, p, r)| format!("{t:6.1}s {p} {r}"))
+        .map(|(t, p, r)| format!("  {t:5.1}s {p} {r}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The phase history OLM keeps in `status.conditions` (second resolution, its own clock).
+fn olm_history(csv: &DynamicObject) -> String {
+    csv.data["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            format!(
+                "  {} {} {}",
+                c["lastTransitionTime"].as_str().unwrap_or("?"),
+                c["phase"].as_str().unwrap_or("?"),
+                c["reason"].as_str().unwrap_or("")
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -787,144 +892,59 @@ async fn olm_installs_the_bundle_and_uninstall_leaves_what_olm_keeps(
     let olm_bin = go_tool("olm").await?.join("olm");
     let crds_dir = olm_crds_dir().await?;
     let plane = OwnPlane::start().await?;
-    let result = olm_install(plane.get(), &olm_bin, &crds_dir).await;
+    let result = olm_install_and_uninstall(plane.get(), &olm_bin, &crds_dir).await;
     plane.stop(result).await
 }
 
-async fn olm_install(plane: &Plane, olm_bin: &Path, crds_dir: &Path) -> anyhow::Result<()> {
+async fn olm_install_and_uninstall(
+    plane: &Plane,
+    olm_bin: &Path,
+    crds_dir: &Path,
+) -> anyhow::Result<()> {
     let client = plane.client();
-    let version = env!("CARGO_PKG_VERSION");
     let manifests = bundle_dir().join("manifests");
-    let csv_text = std::fs::read_to_string(manifests.join("kab.clusterserviceversion.yaml"))?;
+    let csv_value: Value = serde_saphyr::from_str(&std::fs::read_to_string(
+        manifests.join("kab.clusterserviceversion.yaml"),
+    )?)?;
     let crd_text = std::fs::read_to_string(manifests.join("kab.dev_kabstacks.yaml"))?;
-    let csv_value: Value = serde_saphyr::from_str(&csv_text)?;
-    let csv_name = format!("kab.v{version}");
+    let csv_name = format!("kab.v{}", env!("CARGO_PKG_VERSION"));
     ensure!(csv_value["metadata"]["name"] == csv_name.as_str());
 
-    // OLM itself: its CRDs (server-side: the CSV CRD is too large for client-side apply), then
-    // olm-operator once they are Established (it exits at start-up otherwise).
-    kubectl(
-        plane,
-        &["apply", "--server-side", "-f", &crds_dir.to_string_lossy()],
-        "",
-    )
-    .await?;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for entry in std::fs::read_dir(crds_dir)?.flatten() {
-        let crd: Value = serde_saphyr::from_str(&std::fs::read_to_string(entry.path())?)?;
-        let name = crd["metadata"]["name"].as_str().context("CRD name")?;
-        wait_for(&crds, name, is_crd_established(), TIMEOUT).await?;
-    }
-    let olm_ns = "olm";
-    restricted_namespace(&client, olm_ns).await?;
-    let mut cmd = Command::new(olm_bin);
-    cmd.args([
-        &format!("--namespace={olm_ns}"),
-        "--writeStatusName=",
-        "--writePackageServerStatusName=",
-    ])
-    .env("KUBECONFIG", plane.kubeconfig_path());
-    let mut olm = plane.spawn("olm-operator", cmd)?;
+    let mut olm = start_olm(plane, olm_bin, crds_dir).await?;
     let olm_log = olm.log_path().to_path_buf();
-
-    // What exists before the operator is installed.
+    let olm_says = || format!("olm-operator's log ends with:\n{}", tail(&olm_log, 30));
     let ns = "kab-olm";
-    let cluster_before = cluster_objects(&client).await?;
-    restricted_namespace(&client, ns).await?;
-    let ns_before = namespaced_objects(&client, ns).await?;
+    let before = objects(&client, &[ns]).await?;
 
-    // Exactly one OperatorGroup, targeting its own namespace (OwnNamespace).
-    let og = json!({
-        "apiVersion": "operators.coreos.com/v1", "kind": "OperatorGroup",
-        "metadata": {"name": "kab", "namespace": ns},
-        "spec": {"targetNamespaces": [ns]},
-    });
+    // A namespace with exactly one OperatorGroup targeting it (OwnNamespace), the owned CRD
+    // (catalog-operator's job in a full OLM), the CSV, then the ServiceAccount and RBAC it asks
+    // for, owned by it.
+    restricted_namespace(&client, ns).await?;
+    let og = json!({"apiVersion": "operators.coreos.com/v1", "kind": "OperatorGroup",
+                    "metadata": {"name": "kab", "namespace": ns}, "spec": {"targetNamespaces": [ns]}});
     kubectl(
         plane,
         &["apply", "--server-side", "-f", "-"],
         &og.to_string(),
     )
     .await?;
-    // The owned CRD (catalog-operator's job in a full OLM).
     kubectl(plane, &["apply", "--server-side", "-f", "-"], &crd_text).await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     wait_for(&crds, "kabstacks.kab.dev", is_crd_established(), TIMEOUT).await?;
-
-    // The CSV, then the ServiceAccount and RBAC it asks for, as catalog-operator would create
-    // them: labelled olm.managed=true (olm-operator's informers filter on it), namespaced ones
-    // owned by the CSV, cluster-scoped ones carrying the owner labels OLM cleans up by.
     let csvs: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &csv_resource());
     let mut csv: DynamicObject = serde_json::from_value(csv_value.clone())?;
     csv.metadata.namespace = Some(ns.into());
-    let created_at = Instant::now();
-    let (transitions, recorder) = record_transitions(client.clone(), ns, &csv_name, created_at);
+    let created = Instant::now();
+    let (transitions, recorder) = record_transitions(csvs.clone(), &csv_name, created);
     let csv = csvs.create(&PostParams::default(), &csv).await?;
-    let uid = csv.metadata.uid.clone().context("CSV uid")?;
-    let owner_labels = json!({
-        "olm.managed": "true",
-        "olm.owner": csv_name,
-        "olm.owner.kind": "ClusterServiceVersion",
-        "olm.owner.namespace": ns,
-    });
-    let owner_ref = json!([{
-        "apiVersion": "operators.coreos.com/v1alpha1", "kind": "ClusterServiceVersion",
-        "name": csv_name, "uid": uid, "controller": false, "blockOwnerDeletion": false,
-    }]);
-    let strategy = &csv_value["spec"]["install"]["spec"];
-    let mut objects = Vec::new();
-    let mut service_accounts = BTreeSet::new();
-    for (i, p) in strategy["permissions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let sa = p["serviceAccountName"]
-            .as_str()
-            .context("serviceAccountName")?;
-        service_accounts.insert(sa.to_string());
-        let role = format!("{csv_name}-{sa}-{i}");
-        let meta = json!({"name": role, "namespace": ns, "labels": owner_labels, "ownerReferences": owner_ref});
-        objects.push(
-            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                            "metadata": meta, "rules": p["rules"]}),
-        );
-        objects.push(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
-                            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
-                            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]}));
-    }
-    for (i, p) in strategy["clusterPermissions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let sa = p["serviceAccountName"]
-            .as_str()
-            .context("serviceAccountName")?;
-        service_accounts.insert(sa.to_string());
-        let role = format!("{csv_name}-{sa}-cluster-{i}");
-        let meta = json!({"name": role, "labels": owner_labels});
-        objects.push(
-            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-                            "metadata": meta, "rules": p["rules"]}),
-        );
-        objects.push(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": meta,
-                            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
-                            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]}));
-    }
-    for sa in &service_accounts {
-        objects.push(json!({"apiVersion": "v1", "kind": "ServiceAccount",
-                            "metadata": {"name": sa, "namespace": ns, "labels": owner_labels, "ownerReferences": owner_ref}}));
-    }
-    let yaml = objects
-        .iter()
-        .map(|o| serde_saphyr::to_string(o).map_err(anyhow::Error::from))
-        .collect::<anyhow::Result<Vec<_>>>()?
-        .join("---\n");
+    let uid = csv.metadata.uid.as_deref().context("CSV uid")?;
+    let rbac = csv_rbac(&csv_value, ns, uid)?;
+    let yaml = serde_saphyr::to_string_multiple(&rbac)?;
     kubectl(plane, &["apply", "--server-side", "-f", "-"], &yaml).await?;
 
-    // Pending → … → Succeeded once the operator Deployment OLM creates is Available.
-    let succeeded = |o: Option<&DynamicObject>| {
+    // Pending → … → Succeeded once the operator Deployment OLM creates is Available (Failed
+    // after 5 minutes in Installing otherwise).
+    let done = |o: Option<&DynamicObject>| {
         o.is_some_and(|c| {
             matches!(
                 c.data["status"]["phase"].as_str(),
@@ -932,23 +952,29 @@ async fn olm_install(plane: &Plane, olm_bin: &Path, crds_dir: &Path) -> anyhow::
             )
         })
     };
-    let status = match wait_dynamic(&csvs, &csv_name, succeeded, Duration::from_secs(240)).await {
-        Ok(csv) => csv.map(|c| c.data["status"].clone()).unwrap_or_default(),
-        Err(e) => bail!(
-            "CSV {ns}/{csv_name}: {e:#}; phases:\n{}\nolm-operator exited: {:?}; its log ends with:\n{}",
-            show(&transitions),
-            olm.exited(),
-            tail(&olm_log, 30)
-        ),
-    };
+    let csv = wait_dynamic(&csvs, &csv_name, done, Duration::from_secs(240))
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "CSV {ns}/{csv_name}: {e:#}\nphases:\n{}\nolm-operator exited: {:?}\n{}",
+                show(&transitions),
+                olm.exited(),
+                olm_says()
+            )
+        })?
+        .context("CSV gone")?;
+    let succeeded_after = created.elapsed();
     ensure!(
-        status["phase"] == "Succeeded",
-        "CSV {ns}/{csv_name}: {status}\nphases:\n{}",
-        show(&transitions)
+        csv.data["status"]["phase"] == "Succeeded",
+        "CSV {ns}/{csv_name}: {}\n{}",
+        csv.data["status"],
+        olm_says()
     );
     println!(
-        "install_tests: OLM: CSV {csv_name} phases (seconds after creation):\n{}",
-        show(&transitions)
+        "install_tests: OLM: CSV {csv_name} Succeeded {succeeded_after:.1?} after its creation; \
+         phases seen by a watch (seconds after creation):\n{}\nstatus.conditions:\n{}",
+        show(&transitions),
+        olm_history(&csv)
     );
 
     // The operator Deployment OLM created: Available, told which namespaces to watch.
@@ -965,62 +991,61 @@ async fn olm_install(plane: &Plane, olm_bin: &Path, crds_dir: &Path) -> anyhow::
         "pod template annotations: {annotations:?}"
     );
 
-    // Uninstall: delete the CSV. OLM's finalizer removes the cluster-scoped RBAC it owns, the
-    // garbage collector the Deployment, ServiceAccount and namespaced RBAC.
+    // Uninstall: delete the CSV. OLM's finalizer deletes the cluster-scoped RBAC it owns, the
+    // garbage collector the Deployment, ServiceAccount and namespaced RBAC. OLM keeps the CRD
+    // (the users' data) and the ClusterRoles it made for the API, which the CRD owns.
     let deleting = Instant::now();
     csvs.delete(&csv_name, &DeleteParams::background()).await?;
     wait_dynamic(&csvs, &csv_name, |o| o.is_none(), TIMEOUT)
         .await
-        .with_context(|| format!("olm-operator log ends with:\n{}", tail(&olm_log, 30)))?;
-    let cluster_by_design: BTreeMap<String, &str> = [
-        (
-            "CustomResourceDefinition/kabstacks.kab.dev".to_string(),
-            "OLM never deletes a CRD: KabStacks are the users' data",
-        ),
-        (
-            format!("Namespace/{ns}"),
-            "created by the user with the OperatorGroup",
-        ),
-    ]
-    .into();
-    let deadline = Instant::now() + TIMEOUT;
-    let left_cluster = loop {
-        let left_cluster: BTreeSet<String> = cluster_objects(&client)
-            .await?
-            .difference(&cluster_before)
-            .cloned()
-            .collect();
-        let left_ns: BTreeSet<String> = namespaced_objects(&client, ns)
-            .await?
-            .difference(&ns_before)
-            .cloned()
-            .collect();
-        let unexpected: Vec<&String> = left_cluster
-            .iter()
-            .filter(|o| !cluster_by_design.contains_key(*o))
-            .chain(left_ns.iter())
-            .collect();
-        if unexpected.is_empty() {
-            break left_cluster;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "after deleting the CSV, still left: {unexpected:?}\nolm-operator log ends with:\n{}",
-                tail(&olm_log, 30)
-            );
-        }
-        // Garbage collection has no single object to watch.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+        .with_context(olm_says)?;
     recorder.abort();
+    let crd_and_roles = [
+        "CustomResourceDefinition/kabstacks.kab.dev",
+        "ClusterRole/kabstacks.kab.dev-v1alpha1-admin",
+        "ClusterRole/kabstacks.kab.dev-v1alpha1-edit",
+        "ClusterRole/kabstacks.kab.dev-v1alpha1-view",
+        "ClusterRole/kabstacks.kab.dev-v1alpha1-crdview",
+    ];
+    let users = [
+        &format!("Namespace/{ns}")[..],
+        &format!("{ns}/OperatorGroup/kab"),
+        "ClusterRole/olm.og.kab.admin-*", // the OperatorGroup's, deleted with it
+        "ClusterRole/olm.og.kab.edit-*",
+        "ClusterRole/olm.og.kab.view-*",
+        &format!("{ns}/ServiceAccount/default"),
+        &format!("{ns}/ConfigMap/kube-root-ca.crt"),
+    ];
+    let expected: Vec<&str> = crd_and_roles.iter().chain(&users).copied().collect();
+    wait_left(&client, &[ns], &before, &expected, olm_says).await?;
     println!(
-        "install_tests: OLM: CSV deleted, its objects gone after {:.1?}; left by design: {left_cluster:?}",
+        "install_tests: OLM: CSV deleted and its objects gone in {:.1?}; OLM kept {crd_and_roles:?}",
         deleting.elapsed()
     );
+    // The ClusterRoles OLM keeps go with the CRD.
+    for role in Api::<ClusterRole>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|r| r.name_any().starts_with("kabstacks.kab.dev-"))
+    {
+        ensure!(
+            role.owner_references()
+                .iter()
+                .any(|o| o.kind == "CustomResourceDefinition" && o.name == "kabstacks.kab.dev"),
+            "ClusterRole {} is not owned by the CRD: {:?}",
+            role.name_any(),
+            role.owner_references()
+        );
+    }
+    // The user's part: the OperatorGroup and the namespace; OLM deletes the group's roles.
+    kubectl(plane, &["delete", "namespace", ns, "--timeout=120s"], "").await?;
+    wait_left(&client, &[ns], &before, &crd_and_roles, olm_says).await?;
     ensure!(
         olm.exited().is_none(),
-        "olm-operator exited; its log ends with:\n{}",
-        tail(&olm_log, 30)
+        "olm-operator exited\n{}",
+        olm_says()
     );
     Ok(())
 }

@@ -13,6 +13,7 @@ mod install_tests;
 mod operator_tests;
 mod plane_tests;
 mod runtime_tests;
+mod webhook_tests;
 
 fn main() -> std::process::ExitCode {
     // One entry per test module: `mod foo_tests;` above, `foo_tests::tests` here.
@@ -22,5 +23,6 @@ fn main() -> std::process::ExitCode {
         operator_tests::tests,
         install_tests::tests,
         runtime_tests::tests,
+        webhook_tests::tests,
     ])
 }

@@ -550,7 +550,7 @@ async fn a_crash_looping_webhook_degrades_the_stack_and_recovers(ctx: Ctx) -> an
         .and_then(|s| {
             s.components
                 .iter()
-                .find(|c| c.name == format!("{ns}/todo-webhook"))
+                .find(|c| c.kind == "Deployment" && c.name == format!("{ns}/todo-webhook"))
         })
         .context("no component row for the webhook")?;
     ensure!(

@@ -21,6 +21,8 @@ pub fn tests() -> Vec<Test> {
         a_non_kab_image_is_reported_not_runnable,
         the_managed_broker_runs_as_a_real_nats_server,
         a_killed_process_makes_its_pod_unready_and_is_restarted,
+        the_real_webhook_denies_through_the_rendered_service,
+        a_killed_webhook_degrades_the_stack_until_restarted,
     ]
 }
 
@@ -193,5 +195,84 @@ async fn a_killed_process_makes_its_pod_unready_and_is_restarted(ctx: Ctx) -> an
     .await
     .context("pod not restarted and Ready again")?;
     ensure!(restarts(&back) == before + 1, "restart count {}", restarts(&back));
+    Ok(())
+}
+
+/// A stack whose rules the real webhook process enforces; the API server reaches it through the
+/// Service the operator rendered, verifying its certificate for `<svc>.<ns>.svc`.
+fn ruled_stack(ns: &str) -> anyhow::Result<serde_json::Value> {
+    let mut stack = crate::operator_tests::todo_stack(ns, "todo", &format!("{ns}.e2e.example.com"))?;
+    // No external rule: there is no business application in this test.
+    stack["spec"]["rules"] = json!([
+        {"name": "unique-code", "unique": {"fields": ["spec.code"]}},
+        {"name": "code-immutable", "immutable": {"fields": ["spec.code"]}},
+    ]);
+    stack["spec"]["controller"] = json!({"replicas": 1});
+    Ok(stack)
+}
+
+async fn the_real_webhook_denies_through_the_rendered_service(ctx: Ctx) -> anyhow::Result<()> {
+    crate::operator_tests::operator(&ctx).await?;
+    let ns = local_namespace(&ctx, "rt-webhook").await?;
+    let stack = ruled_stack(&ns)?;
+    crate::operator_tests::apply_stack(&ctx, &stack).await?;
+    let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
+    wait_for(
+        &stacks,
+        "todo",
+        |s: Option<&KabStack>| {
+            s.and_then(|s| s.status.as_ref())
+                .and_then(|s| kab::status::condition(s, "WebhookReady"))
+                .is_some_and(|c| c.status == "True")
+        },
+        Duration::from_secs(90),
+    )
+    .await
+    .context("webhook not ready")?;
+    let group = format!("{ns}.e2e.example.com");
+    let todo = |name: &str, code: &str| {
+        format!("apiVersion: {group}/v1\nkind: Todo\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{code: \"{code}\", message: hi}}\n")
+    };
+    ctx.kubectl_with_stdin(["create", "-f", "-"], &todo("first", "A-1")).await.context("a valid entity must be admitted")?;
+    let denied = ctx.kubectl_with_stdin(["create", "-f", "-"], &todo("second", "A-1")).await;
+    let err = format!("{:#}", denied.err().context("a duplicate code must be denied")?);
+    ensure!(err.contains("unique-code"), "the denial must name the rule: {err}");
+    ensure!(err.contains("denied the request"), "the denial must come from the admission webhook: {err}");
+    Ok(())
+}
+
+async fn a_killed_webhook_degrades_the_stack_until_restarted(ctx: Ctx) -> anyhow::Result<()> {
+    crate::operator_tests::operator(&ctx).await?;
+    let rt = runtime(&ctx).await?;
+    let ns = local_namespace(&ctx, "rt-degrade").await?;
+    crate::operator_tests::apply_stack(&ctx, &ruled_stack(&ns)?).await?;
+    let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
+    let ready = |s: Option<&KabStack>| s.is_some_and(|s| kab::operator::ready(s.status.as_ref()));
+    wait_for(&stacks, "todo", ready, Duration::from_secs(120)).await.context("stack not Ready with real processes")?;
+    let victim = rt
+        .processes()
+        .into_iter()
+        .find(|p| p.namespace == ns && p.pod.starts_with("todo-webhook-") && p.pid.is_some())
+        .context("no webhook process")?;
+    // SAFETY: kill(2) of a process the runtime started for this test's pod.
+    unsafe {
+        libc::kill(victim.pid.unwrap_or_default() as libc::pid_t, libc::SIGKILL);
+    }
+    let degraded = wait_for(
+        &stacks,
+        "todo",
+        |s: Option<&KabStack>| s.and_then(|s| s.status.as_ref()).and_then(|s| s.phase) == Some(kab::api::Phase::Degraded),
+        Duration::from_secs(60),
+    )
+    .await
+    .context("stack not Degraded after its webhook process was killed")?;
+    let msg = degraded
+        .status
+        .as_ref()
+        .and_then(|s| kab::status::condition(s, "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(msg.contains(&format!("{ns}/todo-webhook")) && msg.contains(&victim.pod), "Degraded must name the pod: {msg}");
+    wait_for(&stacks, "todo", ready, Duration::from_secs(90)).await.context("the restart did not bring the stack back")?;
     Ok(())
 }
