@@ -176,6 +176,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     println!("  export KUBECONFIG={kubeconfig}");
     println!("  alias kubectl={kubectl}");
+    if let Ok(exe) = std::env::current_exe()
+        && crate::cli::program() == "kab"
+    {
+        println!("  alias kab={}", exe.display());
+    }
     println!("  kubectl get kabstacks -n {ns}                 # the stack and its health");
     println!("  kubectl get kabstack {name} -n {ns} -o yaml   # conditions and components");
     println!(
@@ -202,6 +207,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         println!("  {line}");
     }
     println!("  EOF");
+    for caveat in crate::cli::hints::caveats(&stack) {
+        println!("  # {caveat}");
+    }
     println!("  # {}", crate::cli::hints::events(&stack));
     if plane.is_some() {
         println!(

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod olm;
 pub mod operator;
 pub mod plane;
+pub mod probe;
 pub mod render;
 pub mod runtime;
 pub mod status;

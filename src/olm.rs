@@ -360,7 +360,7 @@ The operator watches every namespace (AllNamespaces) or one (OwnNamespace, Singl
 
 ### Before you uninstall
 
-Delete your KabStacks first and wait until they are gone: the operator removes their webhook registrations. Entity CRDs with `deletionPolicy: Retain` (the default) stay with your data, by design.
+Delete your KabStacks first, in the foreground (`kubectl delete kabstacks --all -A --cascade=foreground`), so that the operator removes their webhook registrations and Kubernetes their children while the KabStack API still exists. Entity CRDs with `deletionPolicy: Retain` (the default) stay with your data, by design.
 "#;
 
 fn descriptor(path: &str, name: &str, description: &str, x: &[&str]) -> Value {

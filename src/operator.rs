@@ -151,6 +151,7 @@ struct Ctx {
     metrics: Arc<crate::metrics::Metrics>,
     applied: Mutex<HashMap<String, Applied>>,
     failures: Mutex<HashMap<ObjectRef<KabStack>, u32>>,
+    probes: Mutex<HashMap<ObjectRef<KabStack>, ProbeRecord>>,
 }
 
 /// Runs the operator until `shutdown` resolves.
@@ -250,6 +251,7 @@ pub async fn run(
         metrics,
         applied: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
+        probes: Mutex::new(HashMap::new()),
     });
 
     let crd_stacks = stacks.clone();
@@ -509,7 +511,12 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         None => Outcome::Applied,
         Some(e) => Outcome::ApplyFailed(e.to_string()),
     };
-    let rows = observe(&stack, &ctx, &rendered, &names, webhook_available);
+    let mut rows = observe(&stack, &ctx, &rendered, &names, webhook_available);
+    let mut probe_retry = false;
+    if let Some(row) = admission_probe(&stack, &ctx, &names, webhook_available).await {
+        probe_retry = !row.ready;
+        rows.push(row);
+    }
     let cert = cert_facts_from(&pki, &policy);
     write_status(&stack, &ctx, &outcome, &rows, cert.as_ref(), entity, now).await?;
     if let Some(e) = errors.into_iter().next() {
@@ -521,8 +528,9 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .unwrap_or_else(|p| p.into_inner())
         .remove(&ObjectRef::from_obj(stack.as_ref()));
 
-    // Wake up for the certificate renewal; otherwise the watches say when something changed.
-    let mut next = Duration::from_secs(600);
+    // Wake up for the certificate renewal (or to probe again); otherwise the watches say when
+    // something changed.
+    let mut next = Duration::from_secs(if probe_retry { 10 } else { 600 });
     if let Some(c) = &cert {
         let until = c.renew_at.as_second() - now.as_second();
         if until > 0 {
@@ -532,6 +540,92 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         }
     }
     Ok(Action::requeue(next))
+}
+
+/// The last admission probe of a stack: what it was sent for and what it found.
+#[derive(Clone, Debug)]
+struct ProbeRecord {
+    key: String,
+    row: Observed,
+    at: std::time::Instant,
+}
+
+/// Proves the API server → webhook path with a dry-run create of a probe entity that the
+/// webhook must deny (see [`crate::probe`]). Sent again only when something it depends on
+/// changed (webhook rollout, certificate, registration) or 10 minutes passed, so an idle stack
+/// sees no probe writes; a failed probe is retried by the requeue.
+async fn admission_probe(stack: &KabStack, ctx: &Ctx, names: &render::Names, webhook_available: bool) -> Option<Observed> {
+    ctx.settings.operator_service_account.as_ref()?;
+    let ns = stack.namespace()?;
+    let reg = ctx.stores.registrations.get(&ObjectRef::new(&names.registration))?;
+    if !webhook_available {
+        return None;
+    }
+    let dep = ctx.stores.deployments.get(&ObjectRef::new(&names.webhook).within(&ns))?;
+    let tls = ctx.stores.secrets.get(&ObjectRef::new(&names.webhook_tls_secret).within(&ns));
+    let st = dep.status.clone().unwrap_or_default();
+    let key = format!(
+        "{}/{}/{}/{}/{}",
+        st.observed_generation.unwrap_or_default(),
+        st.available_replicas.unwrap_or_default(),
+        st.updated_replicas.unwrap_or_default(),
+        reg.metadata.resource_version.clone().unwrap_or_default(),
+        tls.and_then(|t| t.metadata.resource_version.clone()).unwrap_or_default(),
+    );
+    let sref = ObjectRef::from_obj(stack);
+    let last = ctx.probes.lock().unwrap_or_else(|p| p.into_inner()).get(&sref).cloned();
+    if let Some(last) = &last
+        && last.key == key
+        && last.row.ready
+        && last.at.elapsed() < Duration::from_secs(600)
+    {
+        return Some(last.row.clone());
+    }
+    let entity = &stack.spec.entity;
+    let version = entity.storage_version()?;
+    let resource = kube::core::ApiResource {
+        group: entity.group.clone(),
+        version: version.name.clone(),
+        api_version: format!("{}/{}", entity.group, version.name),
+        kind: entity.kind.clone(),
+        plural: entity.plural(),
+    };
+    let nonce = {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (stack.metadata.uid.clone(), std::time::SystemTime::now(), &key).hash(&mut h);
+        format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
+    };
+    let object = crate::probe::probe_object(&resource.api_version, &resource.kind, &ns, &version.schema, &nonce);
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &resource);
+    let obj: DynamicObject = serde_json::from_value(object).ok()?;
+    let pp = PostParams { dry_run: true, ..Default::default() };
+    let (ready, message) = match api.create(&pp, &obj).await {
+        Err(kube::Error::Api(s)) if s.message.contains(crate::probe::DENIAL_MARKER) => {
+            (true, "a dry-run create reached the webhook through its Service and was denied as expected".to_string())
+        }
+        Err(kube::Error::Api(s)) if s.code == 422 => (
+            true,
+            format!("inconclusive: the API server refused the probe entity before the webhook saw it ({}); readiness comes from the Deployment", s.message),
+        ),
+        Err(e) => (false, format!("a dry-run create did not reach the webhook: {e}")),
+        Ok(_) => (
+            false,
+            "a dry-run probe entity was admitted without the webhook denying it: the webhook is not being called (failurePolicy Ignore with an unreachable webhook?)".to_string(),
+        ),
+    };
+    let row = Observed {
+        step: Step::Registration,
+        kind: crate::status::PROBE_KIND.into(),
+        name: "dry-run create".into(),
+        ready,
+        failing: false,
+        message,
+    };
+    ctx.probes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(sref, ProbeRecord { key, row: row.clone(), at: std::time::Instant::now() });
+    Some(row)
 }
 
 /// Applies one child with server-side apply, unless it is unchanged since kab last applied it.

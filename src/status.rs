@@ -21,6 +21,9 @@ pub const CONDITION_TYPES: [&str; 8] = [
     "Paused",
 ];
 
+/// Kind of the status row of the dry-run admission probe.
+pub const PROBE_KIND: &str = "AdmissionProbe";
+
 /// What the reconcile did with the stack this time.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
@@ -168,8 +171,14 @@ pub fn compute(input: &Input<'_>) -> KabStackStatus {
         } else {
             let (rok, rreason, rmsg) =
                 step_state(input.children, Step::Registration, "webhook registration");
+            let probe_blocks = input
+                .children
+                .iter()
+                .any(|c| c.step == Step::Registration && c.kind == PROBE_KIND && !c.ready);
             if rok {
                 cond("WebhookReady", true, "Ready", format!("{msg}; {rmsg}"))
+            } else if probe_blocks && rreason != "Failing" {
+                cond("WebhookReady", false, "ProbeFailed", rmsg)
             } else {
                 cond(
                     "WebhookReady",

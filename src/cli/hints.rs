@@ -82,6 +82,22 @@ fn sample_value(name: &str, schema: &Value, singular: &str) -> Option<Value> {
     }
 }
 
+/// What may refuse the sample entity: external rules whose application may not run yet.
+pub fn caveats(stack: &KabStack) -> Vec<String> {
+    stack
+        .spec
+        .rules
+        .iter()
+        .filter_map(|r| {
+            let ext = r.external.as_ref().filter(|e| !e.fail_open)?;
+            Some(format!(
+                "rule {} asks {}: until that application answers, creates are denied naming the rule",
+                r.name, ext.url
+            ))
+        })
+        .collect()
+}
+
 /// Where entity changes go: the broker subject and URL, or why there are none.
 pub fn events(stack: &KabStack) -> String {
     let names = render::names(stack);
@@ -125,6 +141,16 @@ mod tests {
                 "kind: Todo",
                 "metadata: {name: todo-1}",
                 r#"spec: {code: "todo-code-1", message: "todo-message-1"}"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn an_external_rule_is_a_caveat() {
+        assert_eq!(
+            caveats(&todo()),
+            [
+                "rule app-says-ok asks http://todo-api.shop.svc/validate: until that application answers, creates are denied naming the rule"
             ]
         );
     }

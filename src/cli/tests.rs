@@ -712,3 +712,34 @@ fn completions_name_the_subcommands() {
     assert!(script.contains("status"), "{script}");
     assert!(script.contains("--watch"));
 }
+
+#[test]
+fn the_operators_admission_probe_shows_under_the_webhook() {
+    let mut f = ready_facts();
+    let st = f.stack.status.as_mut().unwrap();
+    st.components.push(crate::api::ComponentStatus {
+        kind: "AdmissionProbe".into(),
+        name: "dry-run create".into(),
+        ready: false,
+        message: "a dry-run create did not reach the webhook: EOF".into(),
+    });
+    let tree = build(&f, now());
+    let webhook = tree.find("Webhook", None).unwrap();
+    let probe = webhook.children.last().unwrap();
+    assert_eq!(
+        (
+            probe.kind.as_str(),
+            probe.name.as_str(),
+            probe.state,
+            probe.reason.as_str()
+        ),
+        (
+            "AdmissionProbe",
+            "dry-run create",
+            State::Progressing,
+            "ProbeFailed"
+        )
+    );
+    let out = show::text(&[tree], now(), false);
+    assert!(out.contains("│  └─ AdmissionProbe dry-run create"), "{out}");
+}

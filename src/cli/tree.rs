@@ -677,10 +677,32 @@ fn webhook(
         ),
     };
 
-    part("Webhook", status, "WebhookReady", blocked)
+    let part = part("Webhook", status, "WebhookReady", blocked);
+    // The operator's dry-run admission probe (`crate::status::PROBE_KIND` rows): whether the API
+    // server really reaches the webhook. Only the status knows it.
+    let probes: Vec<Node> = status
+        .map(|s| s.components.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter(|c| c.kind == "AdmissionProbe")
+        .map(|c| {
+            let state = match (c.ready, part.state) {
+                (true, _) => State::Ready,
+                (false, State::Failed | State::Degraded) => part.state,
+                (false, _) => State::Progressing,
+            };
+            Node::new("AdmissionProbe", &c.name, state).why(
+                if c.ready { "Admitted" } else { "ProbeFailed" },
+                c.message.clone(),
+            )
+        })
+        .collect();
+    let mut part = part
         .child(deployment)
         .child(certificate)
-        .child(registration)
+        .child(registration);
+    part.children.extend(probes);
+    part
 }
 
 fn controller(f: &StackFacts, status: Option<&KabStackStatus>, blocked: Option<&Blocked>) -> Node {

@@ -135,11 +135,13 @@ impl StackConfig {
                 path: path.to_owned(),
                 source,
             })?;
-        config.check().map_err(|(field, message)| ConfigError::Invalid {
-            path: path.to_owned(),
-            field,
-            message,
-        })?;
+        config
+            .check()
+            .map_err(|(field, message)| ConfigError::Invalid {
+                path: path.to_owned(),
+                field,
+                message,
+            })?;
         Ok(config)
     }
 
@@ -170,7 +172,13 @@ impl StackConfig {
                 return Err((field, "must not be empty".to_owned()));
             }
         }
-        if self.entity.storage_version.as_deref().unwrap_or("").is_empty() {
+        if self
+            .entity
+            .storage_version
+            .as_deref()
+            .unwrap_or("")
+            .is_empty()
+        {
             return Err((
                 "entity.storageVersion",
                 "exactly one version must be the storage version".to_owned(),

@@ -219,9 +219,10 @@ mod tests {
             Some("2026-05-01T10:05:00Z".into())
         );
         let mut deleted = obj.clone();
-        deleted.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            "2026-05-01T11:00:00Z".parse().unwrap(),
-        ));
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-05-01T11:00:00Z".parse().unwrap(),
+            ));
         assert_eq!(
             change_time(&deleted, Change::Deleted, own).map(|t| t.to_string()),
             Some("2026-05-01T11:00:00Z".into())

@@ -158,8 +158,7 @@ not-an-ip   ignored.example
             })
         );
         assert_eq!(
-            resolve_url("nats://me:secret@todo-broker.shop.svc:4222", &hosts)
-                .map(|r| r.url),
+            resolve_url("nats://me:secret@todo-broker.shop.svc:4222", &hosts).map(|r| r.url),
             Some("nats://me:secret@127.0.0.12:4222".into())
         );
         assert_eq!(

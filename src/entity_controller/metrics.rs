@@ -32,6 +32,7 @@ struct OutcomeLabels {
 pub struct Metrics {
     registry: Registry,
     published: Family<ChangeLabels, Counter>,
+    duplicates: Counter,
     failures: Family<ErrorLabels, Counter>,
     notifications: Family<OutcomeLabels, Counter>,
     lag: Gauge<f64, AtomicU64>,
@@ -50,6 +51,7 @@ impl Metrics {
     pub fn new(needs_broker: bool) -> Self {
         let mut registry = Registry::with_prefix("kab_entity_controller");
         let published = Family::<ChangeLabels, Counter>::default();
+        let duplicates = Counter::default();
         let failures = Family::<ErrorLabels, Counter>::default();
         let notifications = Family::<OutcomeLabels, Counter>::default();
         let lag = Gauge::<f64, AtomicU64>::default();
@@ -63,6 +65,11 @@ impl Metrics {
             "events_published",
             "Change events acknowledged by the broker, by event (created, updated, deleted)",
             published.clone(),
+        );
+        registry.register(
+            "duplicates",
+            "Retried events the broker already had (dropped by its deduplication)",
+            duplicates.clone(),
         );
         registry.register(
             "failures",
@@ -102,6 +109,7 @@ impl Metrics {
         Self {
             registry,
             published,
+            duplicates,
             failures,
             notifications,
             lag,
@@ -126,6 +134,11 @@ impl Metrics {
         if let Some(delay) = delay {
             self.delay.observe(delay.as_secs_f64());
         }
+    }
+
+    /// One retried event that the broker already had.
+    pub fn duplicate(&self) {
+        self.duplicates.inc();
     }
 
     /// One failure, labelled by a short error class.
@@ -228,12 +241,14 @@ mod tests {
         let m = Metrics::new(true);
         m.published(Change::Created, Some(Duration::from_millis(30)));
         m.failed("broker unavailable");
+        m.duplicate();
         m.notified(true);
         m.set_backlog(3, Some(Duration::from_secs(2)));
         let text = m.encode();
         for line in [
             "kab_entity_controller_events_published_total{event=\"created\"} 1",
             "kab_entity_controller_failures_total{error=\"broker unavailable\"} 1",
+            "kab_entity_controller_duplicates_total 1",
             "kab_entity_controller_notifications_total{outcome=\"delivered\"} 1",
             "kab_entity_controller_queue_depth 3",
             "kab_entity_controller_publish_lag_seconds 2.0",

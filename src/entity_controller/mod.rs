@@ -257,7 +257,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 /// A won election: the leader flag and the task that renews (and finally releases) the Lease.
 struct Election {
     leader: watch::Receiver<bool>,
-    task: tokio::task::JoinHandle<Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError>>,
+    task: tokio::task::JoinHandle<
+        Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError>,
+    >,
 }
 
 impl Election {

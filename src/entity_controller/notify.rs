@@ -185,9 +185,7 @@ mod tests {
     #[test]
     fn backoff_doubles_and_is_capped() {
         let base = Duration::from_millis(250);
-        let delays: Vec<u128> = (1..=8)
-            .map(|a| retry_delay(base, a).as_millis())
-            .collect();
+        let delays: Vec<u128> = (1..=8).map(|a| retry_delay(base, a).as_millis()).collect();
         assert_eq!(delays, [250, 500, 1000, 2000, 4000, 7500, 7500, 7500]);
     }
 

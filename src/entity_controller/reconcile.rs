@@ -176,11 +176,7 @@ fn has_finalizer(obj: &DynamicObject) -> bool {
 }
 
 fn entity_name(obj: &DynamicObject) -> String {
-    format!(
-        "{}/{}",
-        obj.namespace().unwrap_or_default(),
-        obj.name_any()
-    )
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
 /// What one reconcile achieved, for the status.
@@ -300,12 +296,14 @@ async fn send(
     let mut notified = event::cloud_event(config, obj, change, time);
 
     if let Some(broker) = &ctx.broker {
-        let ack = publish(ctx, broker, &namespace, change, &uid, generation, &notified, time)
-            .await
-            .map_err(|source| Error::Broker {
-                entity: entity_name(obj),
-                source,
-            })?;
+        let ack = publish(
+            ctx, broker, &namespace, change, &uid, generation, &notified, time,
+        )
+        .await
+        .map_err(|source| Error::Broker {
+            entity: entity_name(obj),
+            source,
+        })?;
         let mut sequence = ack.sequence;
         let mut published = change;
         if change == Change::Created && ack.duplicate {
@@ -399,6 +397,7 @@ async fn publish(
     let payload = Bytes::from(serde_json::to_vec(cloud_event).unwrap_or_default());
     let ack = broker.publish(&subject, &id, generation, payload).await?;
     if ack.duplicate {
+        ctx.metrics.duplicate();
         tracing::debug!(%subject, %id, sequence = ack.sequence, "already published");
     } else {
         let delay = Timestamp::now()
@@ -469,7 +468,11 @@ async fn write_status(
     apply_status(obj, ctx, &desired).await
 }
 
-async fn apply_status(obj: &DynamicObject, ctx: &Context, desired: &KabStatus) -> Result<(), Error> {
+async fn apply_status(
+    obj: &DynamicObject,
+    ctx: &Context,
+    desired: &KabStatus,
+) -> Result<(), Error> {
     let body = status::apply_body(
         &ctx.resource.api_version,
         &ctx.resource.kind,

@@ -159,7 +159,8 @@ mod tests {
         assert_eq!(status.observed_generation, None);
         assert_eq!(status.conditions.len(), 1);
         let none: DynamicObject = serde_json::from_value(json!({"apiVersion": "v1", "kind": "X",
-            "metadata": {"name": "b"}})).unwrap();
+            "metadata": {"name": "b"}}))
+        .unwrap();
         assert_eq!(current(&none), KabStatus::default());
     }
 
@@ -212,7 +213,11 @@ mod tests {
         assert_eq!(failed.observed_generation, Some(3));
         let c = condition(&failed, PUBLISHED).unwrap();
         assert_eq!(
-            (c.status.as_str(), c.reason.as_str(), &c.last_transition_time),
+            (
+                c.status.as_str(),
+                c.reason.as_str(),
+                &c.last_transition_time
+            ),
             ("False", "PublishFailed", &Time(t("2026-05-01T10:06:00Z")))
         );
     }
@@ -250,8 +255,7 @@ mod tests {
         let without = desired(&status, 1, None, &[], &[PUBLISHED], now);
         assert_eq!(without.conditions.len(), 1);
         assert_eq!(
-            apply_body("todo.example.com/v1", "Todo", "shop", "a", &without)["status"]["kab"]
-                ["publishedGeneration"],
+            apply_body("todo.example.com/v1", "Todo", "shop", "a", &without)["status"]["kab"]["publishedGeneration"],
             1
         );
     }

@@ -88,6 +88,12 @@ pub(super) fn build(
             "versions": versions,
             "storageVersion": storage.name,
         },
+        "probe": {
+            "enabled": settings.operator_service_account.is_some(),
+            "subjects": settings.operator_service_account.iter().map(|(ns, name)| json!({
+                "kind": "ServiceAccount", "name": name, "namespace": ns,
+            })).collect::<Vec<_>>(),
+        },
         "rbac": {
             "hasReaders": !spec.rbac.readers.is_empty(),
             "readers": subjects(&spec.rbac.readers, &names.namespace),

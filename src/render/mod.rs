@@ -50,6 +50,9 @@ pub struct Settings {
     pub kab_image: String,
     /// Image of a managed NATS broker unless `spec.images.nats` says otherwise.
     pub nats_image: String,
+    /// The operator's ServiceAccount `(namespace, name)`: it gets a Role to send the dry-run
+    /// admission probe (create on the entity); `None` renders no probe Role.
+    pub operator_service_account: Option<(String, String)>,
 }
 
 impl Default for Settings {
@@ -57,6 +60,7 @@ impl Default for Settings {
         Settings {
             kab_image: format!("ghcr.io/kab-dev/kab:{}", env!("CARGO_PKG_VERSION")),
             nats_image: format!("docker.io/library/nats:{NATS_VERSION}-alpine"),
+            operator_service_account: Some(("kab-system".to_owned(), "kab-operator".to_owned())),
         }
     }
 }
@@ -264,6 +268,8 @@ const TEMPLATES: &[(&str, Step, &str)] = &[
     template!("reader-rolebinding.yaml.hbs", Rbac),
     template!("writer-role.yaml.hbs", Rbac),
     template!("writer-rolebinding.yaml.hbs", Rbac),
+    template!("probe-role.yaml.hbs", Rbac),
+    template!("probe-rolebinding.yaml.hbs", Rbac),
     template!("entity-crd.yaml.hbs", EntityApi),
     template!("config.yaml.hbs", Config),
     template!("broker-config.yaml.hbs", Broker),

@@ -71,6 +71,8 @@ pub struct Names {
     pub controller_lease: String,
     /// Role and RoleBinding of `spec.rbac.readers`.
     pub reader_role: String,
+    /// Role and RoleBinding letting the operator send the dry-run admission probe.
+    pub probe_role: String,
     /// Role and RoleBinding of `spec.rbac.writers`.
     pub writer_role: String,
     /// Managed broker workload, client Service and NetworkPolicy.
@@ -115,6 +117,7 @@ pub fn names(stack: &KabStack) -> Names {
         controller_role: child("controller"),
         controller_lease: child("controller-leader"),
         reader_role: child("reader"),
+        probe_role: child("kab-probe"),
         writer_role: child("writer"),
         broker: child("broker"),
         broker_headless: child("broker-headless"),

@@ -7,6 +7,12 @@
 //! non-2xx status or a body that is not that JSON is [`ExternalAnswer::Invalid`] (always
 //! denies). Bodies over 64 KiB are refused. HTTPS trusts the system's roots, through rustls
 //! with the ring provider.
+//!
+//! Under the local workload runtime, `KAB_HOSTS_FILE` maps Service names
+//! (`todo-api.shop.svc`) to loopback addresses: an `http://` URL whose host is in it is sent to
+//! that address, with the original `Host` header. (`https://` URLs always go through DNS: the
+//! certificate is checked against the name.) The file is re-read on each call, so Services
+//! that appear later are found.
 
 use std::time::Duration;
 
@@ -21,6 +27,7 @@ use serde_json::Value;
 
 use super::engine::{External, ExternalAnswer};
 use crate::api::ExternalRule;
+use crate::entity_controller::hosts::{self, Hosts};
 
 /// Largest answer read from the application.
 const MAX_ANSWER: usize = 64 * 1024;
@@ -70,7 +77,16 @@ impl HttpExternal {
             Ok(b) => b,
             Err(e) => return ExternalAnswer::Invalid(format!("cannot encode the request: {e}")),
         };
-        let request = match http::Request::post(url)
+        let local = Hosts::from_env().unwrap_or_else(|e| {
+            tracing::debug!("{e}; resolving {url} through DNS");
+            None
+        });
+        let (target, host) = target(url, local.as_ref());
+        let mut request = http::Request::post(&target);
+        if let Some(host) = host {
+            request = request.header(http::header::HOST, host);
+        }
+        let request = match request
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::ACCEPT, "application/json")
             .body(Full::new(Bytes::from(body)))
@@ -133,6 +149,21 @@ impl HttpExternal {
     }
 }
 
+/// Where to send a request for `url`, and the `Host` header to keep, given the local hosts
+/// file (see the module documentation).
+fn target(url: &str, local: Option<&Hosts>) -> (String, Option<String>) {
+    let http = url
+        .get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("http://"));
+    match local
+        .filter(|_| http)
+        .and_then(|h| hosts::resolve_url(url, h))
+    {
+        Some(r) => (r.url, Some(r.authority)),
+        None => (url.to_owned(), None),
+    }
+}
+
 impl External for HttpExternal {
     async fn ask(&self, rule: &ExternalRule, payload: &Value) -> ExternalAnswer {
         let secs = u64::try_from(rule.timeout_seconds.max(1)).unwrap_or(1);
@@ -181,6 +212,29 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, router).await });
         format!("http://{addr}")
+    }
+
+    #[test]
+    fn local_service_names_resolve_through_the_hosts_file_for_http_only() {
+        let local = Hosts::parse("127.0.0.7 todo-api.shop.svc\n");
+        assert_eq!(
+            target("http://todo-api.shop.svc/validate", Some(&local)),
+            (
+                "http://127.0.0.7/validate".to_owned(),
+                Some("todo-api.shop.svc".to_owned())
+            )
+        );
+        assert_eq!(
+            target("http://todo-api.shop.svc:8080/v", Some(&local)).0,
+            "http://127.0.0.7:8080/v"
+        );
+        for (url, hosts) in [
+            ("https://todo-api.shop.svc/validate", Some(&local)),
+            ("http://elsewhere.svc/validate", Some(&local)),
+            ("http://todo-api.shop.svc/validate", None),
+        ] {
+            assert_eq!(target(url, hosts), (url.to_owned(), None), "{url}");
+        }
     }
 
     fn rule(url: String) -> ExternalRule {

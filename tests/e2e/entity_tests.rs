@@ -165,7 +165,9 @@ async fn changes_are_published_as_cloud_events_in_order_and_notified(
         first.event
     );
     ensure!(
-        first.event["data"]["metadata"].get("managedFields").is_none(),
+        first.event["data"]["metadata"]
+            .get("managedFields")
+            .is_none(),
         "data keeps managedFields"
     );
     ensure!(first.event["data"]["spec"]["code"] == "A");
@@ -173,15 +175,9 @@ async fn changes_are_published_as_cloud_events_in_order_and_notified(
     // The notify receiver got the same events (the first attempt was answered 503 and retried).
     let delivered = notify.wait_for(5).await?;
     let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
-    let mut notified: Vec<&str> = delivered
-        .iter()
-        .filter_map(|e| e["id"].as_str())
-        .collect();
+    let mut notified: Vec<&str> = delivered.iter().filter_map(|e| e["id"].as_str()).collect();
     notified.dedup();
-    ensure!(
-        notified == ids,
-        "notified {notified:?}, published {ids:?}"
-    );
+    ensure!(notified == ids, "notified {notified:?}, published {ids:?}");
     ensure!(notify.refused() == 1, "one 503 answered");
 
     let (status, _) = http_get(controller.metrics_port, "/readyz").await?;
@@ -204,10 +200,7 @@ async fn changes_are_published_as_cloud_events_in_order_and_notified(
         if missing.is_empty() {
             break;
         }
-        ensure!(
-            Instant::now() < deadline,
-            "{missing:?} not in\n{metrics}"
-        );
+        ensure!(Instant::now() < deadline, "{missing:?} not in\n{metrics}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     controller.stop();
@@ -238,7 +231,10 @@ async fn broker_mode_none_keeps_status_and_publishes_nothing(ctx: Ctx) -> anyhow
         condition(kab_status, "Published") == ("False".into(), "BrokerDisabled".into()),
         "{kab_status}"
     );
-    ensure!(kab_status.get("publishedGeneration").is_none(), "{kab_status}");
+    ensure!(
+        kab_status.get("publishedGeneration").is_none(),
+        "{kab_status}"
+    );
     ensure!(
         !n.finalizers().iter().any(|f| f == FINALIZER),
         "no finalizer without anywhere to deliver"
@@ -277,7 +273,12 @@ async fn nothing_is_lost_or_duplicated_across_broker_and_controller_failures(
     // 1. Creates, everything up.
     let initial = writes / 5;
     let names: Vec<String> = (0..initial).map(|i| format!("o-{i:04}")).collect();
-    burst(&api, &book, names.iter().map(|n| Op::Create(n.clone())).collect()).await?;
+    burst(
+        &api,
+        &book,
+        names.iter().map(|n| Op::Create(n.clone())).collect(),
+    )
+    .await?;
     wait_all_published(&api, TIMEOUT).await?;
 
     // 2. (a) The broker is down while entities change; the controller notices, then the
@@ -298,12 +299,13 @@ async fn nothing_is_lost_or_duplicated_across_broker_and_controller_failures(
     }
     nats.restart(&ctx)?;
     nats.wait_serving().await?;
+    controller.wait_ready().await?; // reconnected, catching up
 
-    // 3. (b) Kill #1 in the middle of a burst of creates and updates.
+    // 3. (b) Kill #1 while it publishes the backlog and a burst of creates and updates.
     let extra: Vec<String> = (0..writes / 20).map(|i| format!("p-{i:04}")).collect();
     let mut ops: Vec<Op> = extra.iter().map(|n| Op::Create(n.clone())).collect();
     ops.extend((0..writes / 10).map(|i| Op::Update(names[(i * 3 + 1) % names.len()].clone())));
-    controller.kill_during(burst(&api, &book, ops), &book).await?;
+    controller.kill_during(burst(&api, &book, ops)).await?;
     controller.restart(&ctx)?;
 
     // 4. (b)+(c) Kill #2, then deletes, creates and updates while the controller is down.
@@ -316,8 +318,9 @@ async fn nothing_is_lost_or_duplicated_across_broker_and_controller_failures(
     ops.extend((0..writes / 20).map(|i| Op::Update(names[i % (names.len() / 2)].clone())));
     burst(&api, &book, ops).await?;
     controller.restart(&ctx)?;
+    controller.wait_ready().await?;
 
-    // 5. (b) Kill #3 in the middle of a burst of updates.
+    // 5. (b) Kill #3 while it publishes what happened while it was down and a burst of updates.
     let live: Vec<String> = names
         .iter()
         .filter(|n| !doomed.contains(n))
@@ -329,7 +332,7 @@ async fn nothing_is_lost_or_duplicated_across_broker_and_controller_failures(
     let ops = (0..remaining)
         .map(|i| Op::Update(live[(i * 5 + 2) % live.len()].clone()))
         .collect();
-    controller.kill_during(burst(&api, &book, ops), &book).await?;
+    controller.kill_during(burst(&api, &book, ops)).await?;
     controller.restart(&ctx)?;
     controller.wait_ready().await?;
 
@@ -339,6 +342,8 @@ async fn nothing_is_lost_or_duplicated_across_broker_and_controller_failures(
         wait_gone(&api, name).await?;
     }
     let recovered = started.elapsed();
+    let deduplicated = controller.duplicates + scrape(controller.metrics_port).await?.duplicates;
+    ensure!(controller.kills == 3, "{} kills", controller.kills);
 
     let events = nats.read_stream(&env.stream()).await?;
     let live_objects = api.list(&Default::default()).await?.items;
@@ -346,8 +351,9 @@ async fn nothing_is_lost_or_duplicated_across_broker_and_controller_failures(
     println!(
         "entity_tests no-loss: {} writes on {} entities ({} deleted while the controller was down), \
          broker down {}s, controller SIGKILLed 3 times → {} events ({} created, {} updated, {} deleted), \
-         0 duplicates (ids and changes), 0 missing, {} generations superseded before they were observed, \
-         max lag change→stored {:.1}s, p50 {:.1}s; whole scenario {:.0}s",
+         0 duplicates (ids and changes; {} retries dropped by the broker's deduplication), 0 missing, \
+         {} generations superseded before they were observed, max lag change→stored {:.1}s, p50 {:.1}s; \
+         whole scenario {:.0}s",
         book.writes(),
         report.entities,
         doomed.len(),
@@ -356,6 +362,7 @@ async fn nothing_is_lost_or_duplicated_across_broker_and_controller_failures(
         report.created,
         report.updated,
         report.deleted,
+        deduplicated,
         report.superseded,
         report.max_lag.as_secs_f64(),
         report.p50_lag.as_secs_f64(),
@@ -503,8 +510,15 @@ impl Nats {
 
     fn restart(&mut self, ctx: &Ctx) -> anyhow::Result<()> {
         let mut cmd = Command::new(&self.bin);
-        cmd.args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(&self.store);
+        cmd.args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-sd",
+        ])
+        .arg(&self.store);
         self.process = Some(ctx.plane().spawn(&self.name, cmd)?);
         Ok(())
     }
@@ -532,7 +546,10 @@ impl Nats {
                     .as_ref()
                     .map(|p| p.log_tail(20))
                     .unwrap_or_default();
-                bail!("nats-server on port {} not serving JetStream:\n{log}", self.port);
+                bail!(
+                    "nats-server on port {} not serving JetStream:\n{log}",
+                    self.port
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -583,6 +600,8 @@ struct Controller {
     cmd: Box<dyn Fn() -> Command + Send + Sync>,
     metrics_port: u16,
     kills: u32,
+    /// Retries the broker deduplicated, summed over the killed processes (as last scraped).
+    duplicates: u64,
 }
 
 impl Controller {
@@ -610,7 +629,11 @@ impl Controller {
                 .env("KAB_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
                 .env("KAB_HOSTS_FILE", &hosts)
                 .env("POD_NAME", &identity)
-                .env("RUST_LOG", std::env::var("KAB_E2E_CONTROLLER_LOG").unwrap_or_else(|_| "info,kab=debug,kube=warn,async_nats=warn".into()));
+                .env(
+                    "RUST_LOG",
+                    std::env::var("KAB_E2E_CONTROLLER_LOG")
+                        .unwrap_or_else(|_| "info,kab=debug,kube=warn,async_nats=warn".into()),
+                );
             cmd
         };
         let mut controller = Self {
@@ -619,6 +642,7 @@ impl Controller {
             cmd: Box::new(cmd),
             metrics_port,
             kills: 0,
+            duplicates: 0,
         };
         controller.restart(ctx)?;
         Ok(controller)
@@ -641,27 +665,35 @@ impl Controller {
         }
     }
 
-    /// Kills the controller once half of `burst`'s writes are done, and lets the burst finish.
+    /// Runs `burst` and SIGKILLs the controller as soon as it has published 5 more events than
+    /// before (so the kill lands while it is publishing), then lets the burst finish.
     async fn kill_during(
         &mut self,
         burst: impl Future<Output = anyhow::Result<()>>,
-        book: &Book,
     ) -> anyhow::Result<()> {
-        let before = book.writes();
+        let port = self.metrics_port;
+        let before = scrape(port).await?.published;
         let mut burst = std::pin::pin!(burst);
-        let half = async {
+        let publishing = async {
             loop {
-                if book.writes() > before + 4 {
-                    break;
+                if let Ok(m) = scrape(port).await
+                    && m.published >= before + 5
+                {
+                    return m;
                 }
-                tokio::task::yield_now().await;
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
-        tokio::select! {
-            r = &mut burst => { r?; self.kill(); return Ok(()); }
-            _ = half => self.kill(),
-        }
+        let mut publishing = std::pin::pin!(publishing);
+        let seen = tokio::select! {
+            r = &mut burst => {
+                r?;
+                tokio::time::timeout(TIMEOUT, publishing).await.map_err(|_| anyhow!("the controller published nothing"))?
+            }
+            m = &mut publishing => m,
+        };
+        self.duplicates += seen.duplicates;
+        self.kill();
         burst.await
     }
 
@@ -817,7 +849,11 @@ fn api_version(api: &Api<DynamicObject>) -> String {
     }
 }
 
-async fn update(api: &Api<DynamicObject>, name: &str, message: &str) -> anyhow::Result<DynamicObject> {
+async fn update(
+    api: &Api<DynamicObject>,
+    name: &str,
+    message: &str,
+) -> anyhow::Result<DynamicObject> {
     api.patch(
         name,
         &PatchParams::default(),
@@ -981,7 +1017,11 @@ impl Received {
             .and_then(|h| h.get("Nats-Msg-Id"))
             .map(|v| v.as_str().to_owned())
             .context("no Nats-Msg-Id")?;
-        ensure!(sdk.id() == msg_id, "id {} != Nats-Msg-Id {msg_id}", sdk.id());
+        ensure!(
+            sdk.id() == msg_id,
+            "id {} != Nats-Msg-Id {msg_id}",
+            sdk.id()
+        );
         let change = subject.rsplit('.').next().unwrap_or_default().to_owned();
         ensure!(
             sdk.ty().ends_with(&format!(".{change}")),
@@ -993,7 +1033,9 @@ impl Received {
             "datacontenttype {:?}",
             sdk.datacontenttype()
         );
-        let name = event["data"]["metadata"]["name"].as_str().unwrap_or_default();
+        let name = event["data"]["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default();
         ensure!(
             sdk.subject() == Some(name) && sdk.source().ends_with(&format!("/{PLURAL}/{name}")),
             "subject {:?} / source {} for entity {name}",
@@ -1217,6 +1259,27 @@ impl Drop for NotifyReceiver {
     fn drop(&mut self) {
         self.server.abort();
     }
+}
+
+/// What the controller's /metrics say.
+struct Scraped {
+    published: u64,
+    duplicates: u64,
+}
+
+async fn scrape(port: u16) -> anyhow::Result<Scraped> {
+    let (status, text) = http_get(port, "/metrics").await?;
+    ensure!(status == 200, "/metrics: HTTP {status}");
+    let sum = |name: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    Ok(Scraped {
+        published: sum("kab_entity_controller_events_published_total"),
+        duplicates: sum("kab_entity_controller_duplicates_total"),
+    })
 }
 
 async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {

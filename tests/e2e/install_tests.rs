@@ -10,7 +10,7 @@
 //!   a control plane of its own, the CSV reaches `Succeeded`, and deleting the CSV leaves only
 //!   what OLM keeps by design.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -35,7 +35,7 @@ use kube::runtime::wait::conditions::is_crd_established;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::{Value, json};
 
-use crate::support::{Ctx, Test, qualified_name, wait_deleted, wait_for};
+use crate::support::{Ctx, Test, qualified_name, wait_for};
 
 pub fn tests() -> Vec<Test> {
     let name = |f: &str| qualified_name(module_path!(), f);
@@ -535,11 +535,10 @@ async fn objects(client: &kube::Client, namespaces: &[&str]) -> anyhow::Result<B
         olm_resource("v2", "OperatorCondition", "operatorconditions"),
     ];
     let mut all = BTreeSet::new();
-    let scopes = cluster.iter().map(|r| (r, None)).chain(
-        namespaces
-            .iter()
-            .flat_map(|ns| namespaced.iter().map(move |r| (r, Some(*ns)))),
-    );
+    let mut scopes: Vec<(&ApiResource, Option<&str>)> = cluster.iter().map(|r| (r, None)).collect();
+    for ns in namespaces {
+        scopes.extend(namespaced.iter().map(|r| (r, Some(*ns))));
+    }
     for (r, ns) in scopes {
         let api: Api<DynamicObject> = match ns {
             Some(ns) => Api::namespaced_with(client.clone(), ns, r),
@@ -964,6 +963,16 @@ async fn olm_install_and_uninstall(
         })?
         .context("CSV gone")?;
     let succeeded_after = created.elapsed();
+    {
+        // The recorder may not have seen the last event yet.
+        let mut seen = transitions.lock().unwrap_or_else(|p| p.into_inner());
+        let status = &csv.data["status"];
+        let phase = status["phase"].as_str().unwrap_or("").to_string();
+        if seen.last().is_none_or(|(_, p, _)| *p != phase) {
+            let reason = status["reason"].as_str().unwrap_or("").to_string();
+            seen.push((succeeded_after.as_secs_f64(), phase, reason));
+        }
+    }
     ensure!(
         csv.data["status"]["phase"] == "Succeeded",
         "CSV {ns}/{csv_name}: {}\n{}",
@@ -990,6 +999,20 @@ async fn olm_install_and_uninstall(
         annotations.get("olm.targetNamespaces").map(String::as_str) == Some(ns),
         "pod template annotations: {annotations:?}"
     );
+
+    // OLM's steady state: the OperatorGroup's sync adds ClusterRoles for the provided API (to
+    // aggregate into admin, edit, view).
+    let cluster_roles: Api<ClusterRole> = Api::all(client.clone());
+    for suffix in ["admin", "edit", "view", "crdview"] {
+        let name = format!("kabstacks.kab.dev-v1alpha1-{suffix}");
+        wait_for(
+            &cluster_roles,
+            &name,
+            |r: Option<&ClusterRole>| r.is_some(),
+            TIMEOUT,
+        )
+        .await?;
+    }
 
     // Uninstall: delete the CSV. OLM's finalizer deletes the cluster-scoped RBAC it owns, the
     // garbage collector the Deployment, ServiceAccount and namespaced RBAC. OLM keeps the CRD
@@ -1023,7 +1046,7 @@ async fn olm_install_and_uninstall(
         deleting.elapsed()
     );
     // The ClusterRoles OLM keeps go with the CRD.
-    for role in Api::<ClusterRole>::all(client.clone())
+    for role in cluster_roles
         .list(&ListParams::default())
         .await?
         .items
@@ -1033,7 +1056,8 @@ async fn olm_install_and_uninstall(
         ensure!(
             role.owner_references()
                 .iter()
-                .any(|o| o.kind == "CustomResourceDefinition" && o.name == "kabstacks.kab.dev"),
+                .any(|o| o.kind.eq_ignore_ascii_case("CustomResourceDefinition")
+                    && o.name == "kabstacks.kab.dev"),
             "ClusterRole {} is not owned by the CRD: {:?}",
             role.name_any(),
             role.owner_references()
@@ -1042,6 +1066,14 @@ async fn olm_install_and_uninstall(
     // The user's part: the OperatorGroup and the namespace; OLM deletes the group's roles.
     kubectl(plane, &["delete", "namespace", ns, "--timeout=120s"], "").await?;
     wait_left(&client, &[ns], &before, &crd_and_roles, olm_says).await?;
+    // Deleting the CRD (and every KabStack with it) is the user's decision; then nothing is left.
+    kubectl(
+        plane,
+        &["delete", "crd", "kabstacks.kab.dev", "--timeout=120s"],
+        "",
+    )
+    .await?;
+    wait_left(&client, &[ns], &before, &[], olm_says).await?;
     ensure!(
         olm.exited().is_none(),
         "olm-operator exited\n{}",

@@ -8,6 +8,7 @@
 
 mod support;
 
+mod cli_tests;
 mod entity_tests;
 mod install_tests;
 mod operator_tests;
@@ -24,5 +25,6 @@ fn main() -> std::process::ExitCode {
         install_tests::tests,
         runtime_tests::tests,
         webhook_tests::tests,
+        cli_tests::tests,
     ])
 }

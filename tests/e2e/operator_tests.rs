@@ -29,6 +29,7 @@ pub fn tests() -> Vec<Test> {
         deletion_policy_delete_removes_the_entity_api,
         stacks_share_an_entity_api_and_a_different_schema_conflicts,
         a_crash_looping_webhook_degrades_the_stack_and_recovers,
+        a_failing_webhook_rollout_degrades_and_recovers,
         invalid_stacks_are_refused_or_reported,
         paused_stack_is_left_alone,
         no_private_key_in_logs_events_or_status,
@@ -203,7 +204,7 @@ async fn wait_ready(ctx: &Ctx, ns: &str, name: &str) -> anyhow::Result<KabStack>
 /// A Ready todo stack in a fresh namespace: `(namespace, group)`.
 async fn ready_todo(ctx: &Ctx, prefix: &str) -> anyhow::Result<(String, String)> {
     operator(ctx).await?;
-    let ns = ctx.namespace(prefix).await?;
+    let ns = crate::runtime_tests::local_namespace(ctx, prefix).await?;
     let group = group_for(&ns);
     apply_stack(ctx, &todo_stack(&ns, "todo", &group)?).await?;
     wait_ready(ctx, &ns, "todo").await?;
@@ -430,7 +431,7 @@ async fn deleting_a_stack_removes_its_children_and_retains_the_entity_api(
 
 async fn deletion_policy_delete_removes_the_entity_api(ctx: Ctx) -> anyhow::Result<()> {
     operator(&ctx).await?;
-    let ns = ctx.namespace("purge").await?;
+    let ns = crate::runtime_tests::local_namespace(&ctx, "purge").await?;
     let group = group_for(&ns);
     let mut stack = todo_stack(&ns, "todo", &group)?;
     stack["spec"]["entity"]["deletionPolicy"] = json!("Delete");
@@ -452,9 +453,9 @@ async fn stacks_share_an_entity_api_and_a_different_schema_conflicts(
     ctx: Ctx,
 ) -> anyhow::Result<()> {
     operator(&ctx).await?;
-    let a = ctx.namespace("share-a").await?;
-    let b = ctx.namespace("share-b").await?;
-    let c = ctx.namespace("share-c").await?;
+    let a = crate::runtime_tests::local_namespace(&ctx, "share-a").await?;
+    let b = crate::runtime_tests::local_namespace(&ctx, "share-b").await?;
+    let c = crate::runtime_tests::local_namespace(&ctx, "share-c").await?;
     let group = group_for(&a);
     let mut first = todo_stack(&a, "todo", &group)?;
     first["spec"]["entity"]["deletionPolicy"] = json!("Delete");
@@ -511,9 +512,15 @@ async fn stacks_share_an_entity_api_and_a_different_schema_conflicts(
     Ok(())
 }
 
+/// KWOK's failing-pod stage: the webhook's pods crash-loop and the stack is Degraded, naming the
+/// Deployment and the pod. (On KWOK nothing really runs, so the stack was never Ready here: the
+/// admission probe cannot reach a simulated webhook.)
 async fn a_crash_looping_webhook_degrades_the_stack_and_recovers(ctx: Ctx) -> anyhow::Result<()> {
-    let (ns, _) = ready_todo(&ctx, "degraded").await?;
+    operator(&ctx).await?;
+    let ns = ctx.namespace("degraded").await?;
+    apply_stack(&ctx, &todo_stack(&ns, "todo", &group_for(&ns))?).await?;
     let deps: Api<Deployment> = Api::namespaced(ctx.client(), &ns);
+    wait_for(&deps, "todo-webhook", |d: Option<&Deployment>| d.is_some(), Duration::from_secs(60)).await?;
     // Another field manager adds the KWOK crash-loop label to the webhook's pods; kab does not own
     // that label, so it keeps it: the new pods crash-loop.
     let chaos = json!({
@@ -521,19 +528,13 @@ async fn a_crash_looping_webhook_degrades_the_stack_and_recovers(ctx: Ctx) -> an
         "metadata": {"name": "todo-webhook", "namespace": ns},
         "spec": {"template": {"metadata": {"labels": {"kab.dev/simulate": "crash-loop"}}}}
     });
-    deps.patch(
-        "todo-webhook",
-        &PatchParams::apply("e2e-chaos"),
-        &Patch::Apply(&chaos),
-    )
-    .await?;
+    deps.patch("todo-webhook", &PatchParams::apply("e2e-chaos"), &Patch::Apply(&chaos)).await?;
     let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
     let degraded = wait_for(
         &stacks,
         "todo",
         |s: Option<&KabStack>| {
-            s.and_then(|s| s.status.as_ref()).and_then(|s| s.phase)
-                == Some(kab::api::Phase::Degraded)
+            s.and_then(|s| s.status.as_ref()).and_then(|s| s.phase) == Some(kab::api::Phase::Degraded)
         },
         Duration::from_secs(90),
     )
@@ -547,28 +548,46 @@ async fn a_crash_looping_webhook_degrades_the_stack_and_recovers(ctx: Ctx) -> an
     let row = degraded
         .status
         .as_ref()
-        .and_then(|s| {
-            s.components
-                .iter()
-                .find(|c| c.kind == "Deployment" && c.name == format!("{ns}/todo-webhook"))
-        })
+        .and_then(|s| s.components.iter().find(|c| c.kind == "Deployment" && c.name == format!("{ns}/todo-webhook")))
         .context("no component row for the webhook")?;
-    ensure!(
-        !row.ready && row.message.contains("CrashLoopBackOff"),
-        "row {row:?}"
-    );
+    ensure!(!row.ready && row.message.contains("CrashLoopBackOff"), "row {row:?}");
+    Ok(())
+}
 
-    // The chaos manager withdraws its label: the stack comes back.
-    let withdraw = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "todo-webhook", "namespace": ns}});
-    deps.patch(
-        "todo-webhook",
-        &PatchParams::apply("e2e-chaos"),
-        &Patch::Apply(&withdraw),
+/// With real processes: a webhook rollout whose new pod cannot start (it mounts a Secret that
+/// does not exist) degrades a Ready stack, naming the pod and why; withdrawing the change brings
+/// it back to Ready.
+async fn a_failing_webhook_rollout_degrades_and_recovers(ctx: Ctx) -> anyhow::Result<()> {
+    let (ns, _) = ready_todo(&ctx, "rollout").await?;
+    let deps: Api<Deployment> = Api::namespaced(ctx.client(), &ns);
+    let chaos = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "todo-webhook", "namespace": ns},
+        "spec": {"template": {"spec": {
+            "volumes": [{"name": "chaos", "secret": {"secretName": "does-not-exist"}}],
+            "containers": [{"name": "webhook", "volumeMounts": [{"name": "chaos", "mountPath": "/chaos"}]}],
+        }}}
+    });
+    deps.patch("todo-webhook", &PatchParams::apply("e2e-chaos"), &Patch::Apply(&chaos)).await?;
+    let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
+    let degraded = wait_for(
+        &stacks,
+        "todo",
+        |s: Option<&KabStack>| {
+            s.and_then(|s| s.status.as_ref()).and_then(|s| s.phase) == Some(kab::api::Phase::Degraded)
+        },
+        Duration::from_secs(90),
     )
     .await?;
-    wait_for(&stacks, "todo", is_ready, Duration::from_secs(90))
-        .await
-        .context("stack did not recover")?;
+    let (_, reason, msg) = condition(&degraded, "Ready").context("Ready")?;
+    ensure!(reason == "WebhookNotReady", "reason {reason}");
+    ensure!(
+        msg.contains(&format!("{ns}/todo-webhook")) && msg.contains("CreateContainerConfigError"),
+        "message should name the blocker: {msg}"
+    );
+    let withdraw = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "todo-webhook", "namespace": ns}});
+    deps.patch("todo-webhook", &PatchParams::apply("e2e-chaos"), &Patch::Apply(&withdraw)).await?;
+    wait_for(&stacks, "todo", is_ready, Duration::from_secs(90)).await.context("stack did not recover")?;
     Ok(())
 }
 
