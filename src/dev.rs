@@ -128,7 +128,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "metadata": {"name": ns, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}
     });
     if runtime.is_some() {
-        ns_obj["metadata"]["annotations"] = serde_json::to_value(crate::runtime::namespace_annotations())?;
+        ns_obj["metadata"]["annotations"] =
+            serde_json::to_value(crate::runtime::namespace_annotations())?;
     }
     namespaces
         .patch(
@@ -282,12 +283,16 @@ pub async fn wait_ready(api: &Api<KabStack>, name: &str, timeout: Duration) -> a
 
 /// Starts the local runtime on a plane: the kab binary is this executable, nats-server the one
 /// the plane built, identities are client certificates from the plane's CA.
-pub async fn start_runtime(plane: Arc<Plane>, client: kube::Client) -> anyhow::Result<crate::runtime::LocalRuntime> {
+pub async fn start_runtime(
+    plane: Arc<Plane>,
+    client: kube::Client,
+) -> anyhow::Result<crate::runtime::LocalRuntime> {
     let kab = std::env::current_exe().context("finding the kab executable")?;
     let nats = plane.bin("nats-server");
     let dir = plane.dir().join("runtime");
     let p = plane.clone();
-    let identity: crate::runtime::IdentityFn = Arc::new(move |user, groups| p.write_kubeconfig(user, groups));
+    let identity: crate::runtime::IdentityFn =
+        Arc::new(move |user, groups| p.write_kubeconfig(user, groups));
     let mut config = crate::runtime::RuntimeConfig::new(dir, kab, nats, identity);
     config.logs = plane.logs_dir().to_path_buf();
     crate::runtime::LocalRuntime::start(client, config).await

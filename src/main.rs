@@ -146,6 +146,19 @@ struct OperatorArgs {
     /// Image of the NATS server of managed brokers.
     #[arg(long, env = "KAB_NATS_IMAGE")]
     nats_image: Option<String>,
+    /// The operator's own ServiceAccount, `namespace/name`: each stack binds it a Role that allows
+    /// only the dry-run admission probe (create on that stack's entity).
+    #[arg(
+        long,
+        env = "KAB_OPERATOR_SERVICE_ACCOUNT",
+        default_value = "kab-system/kab-operator"
+    )]
+    service_account: String,
+    /// Prove each webhook with a dry-run admission probe before calling it ready. Turn off only
+    /// where webhooks are simulated (e.g. KWOK benchmarks): readiness then comes from the webhook
+    /// Deployment and its registration alone.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    admission_probe: bool,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -278,6 +291,17 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
     if let Some(i) = args.nats_image {
         settings.nats_image = i;
     }
+    settings.operator_service_account = if args.admission_probe {
+        let (ns, name) = args.service_account.split_once('/').ok_or_else(|| {
+            anyhow::anyhow!(
+                "--service-account {:?}: expected namespace/name, e.g. kab-system/kab-operator",
+                args.service_account
+            )
+        })?;
+        Some((ns.to_string(), name.to_string()))
+    } else {
+        None
+    };
     let config = OperatorConfig {
         namespace: args.namespace,
         templates_dir: args.templates,

@@ -554,15 +554,29 @@ struct ProbeRecord {
 /// webhook must deny (see [`crate::probe`]). Sent again only when something it depends on
 /// changed (webhook rollout, certificate, registration) or 10 minutes passed, so an idle stack
 /// sees no probe writes; a failed probe is retried by the requeue.
-async fn admission_probe(stack: &KabStack, ctx: &Ctx, names: &render::Names, webhook_available: bool) -> Option<Observed> {
+async fn admission_probe(
+    stack: &KabStack,
+    ctx: &Ctx,
+    names: &render::Names,
+    webhook_available: bool,
+) -> Option<Observed> {
     ctx.settings.operator_service_account.as_ref()?;
     let ns = stack.namespace()?;
-    let reg = ctx.stores.registrations.get(&ObjectRef::new(&names.registration))?;
+    let reg = ctx
+        .stores
+        .registrations
+        .get(&ObjectRef::new(&names.registration))?;
     if !webhook_available {
         return None;
     }
-    let dep = ctx.stores.deployments.get(&ObjectRef::new(&names.webhook).within(&ns))?;
-    let tls = ctx.stores.secrets.get(&ObjectRef::new(&names.webhook_tls_secret).within(&ns));
+    let dep = ctx
+        .stores
+        .deployments
+        .get(&ObjectRef::new(&names.webhook).within(&ns))?;
+    let tls = ctx
+        .stores
+        .secrets
+        .get(&ObjectRef::new(&names.webhook_tls_secret).within(&ns));
     let st = dep.status.clone().unwrap_or_default();
     let key = format!(
         "{}/{}/{}/{}/{}",
@@ -570,10 +584,16 @@ async fn admission_probe(stack: &KabStack, ctx: &Ctx, names: &render::Names, web
         st.available_replicas.unwrap_or_default(),
         st.updated_replicas.unwrap_or_default(),
         reg.metadata.resource_version.clone().unwrap_or_default(),
-        tls.and_then(|t| t.metadata.resource_version.clone()).unwrap_or_default(),
+        tls.and_then(|t| t.metadata.resource_version.clone())
+            .unwrap_or_default(),
     );
     let sref = ObjectRef::from_obj(stack);
-    let last = ctx.probes.lock().unwrap_or_else(|p| p.into_inner()).get(&sref).cloned();
+    let last = ctx
+        .probes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&sref)
+        .cloned();
     if let Some(last) = &last
         && last.key == key
         && last.row.ready
@@ -592,13 +612,27 @@ async fn admission_probe(stack: &KabStack, ctx: &Ctx, names: &render::Names, web
     };
     let nonce = {
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (stack.metadata.uid.clone(), std::time::SystemTime::now(), &key).hash(&mut h);
+        (
+            stack.metadata.uid.clone(),
+            std::time::SystemTime::now(),
+            &key,
+        )
+            .hash(&mut h);
         format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
     };
-    let object = crate::probe::probe_object(&resource.api_version, &resource.kind, &ns, &version.schema, &nonce);
+    let object = crate::probe::probe_object(
+        &resource.api_version,
+        &resource.kind,
+        &ns,
+        &version.schema,
+        &nonce,
+    );
     let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &resource);
     let obj: DynamicObject = serde_json::from_value(object).ok()?;
-    let pp = PostParams { dry_run: true, ..Default::default() };
+    let pp = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
     let (ready, message) = match api.create(&pp, &obj).await {
         Err(kube::Error::Api(s)) if s.message.contains(crate::probe::DENIAL_MARKER) => {
             (true, "a dry-run create reached the webhook through its Service and was denied as expected".to_string())
@@ -621,10 +655,14 @@ async fn admission_probe(stack: &KabStack, ctx: &Ctx, names: &render::Names, web
         failing: false,
         message,
     };
-    ctx.probes
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(sref, ProbeRecord { key, row: row.clone(), at: std::time::Instant::now() });
+    ctx.probes.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        sref,
+        ProbeRecord {
+            key,
+            row: row.clone(),
+            at: std::time::Instant::now(),
+        },
+    );
     Some(row)
 }
 
@@ -1346,7 +1384,11 @@ pub fn statefulset_health(s: &StatefulSet, pods: &[Arc<Pod>]) -> (bool, bool, St
         return (true, false, msg);
     }
     let failing_pod = failing_pod(pods);
-    if let Some(p) = failing_pod.as_ref().cloned().or_else(|| unscheduled_pod(pods)) {
+    if let Some(p) = failing_pod
+        .as_ref()
+        .cloned()
+        .or_else(|| unscheduled_pod(pods))
+    {
         msg.push_str(": ");
         msg.push_str(&p);
     }

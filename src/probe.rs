@@ -18,12 +18,21 @@ pub const DENIAL_MARKER: &str = "kab admission probe";
 
 /// The nonce of a probe object, if `object` is one.
 pub fn nonce_of(object: &Value) -> Option<&str> {
-    object.pointer("/metadata/annotations")?.get(PROBE_ANNOTATION)?.as_str()
+    object
+        .pointer("/metadata/annotations")?
+        .get(PROBE_ANNOTATION)?
+        .as_str()
 }
 
 /// The probe object for an entity: `apiVersion`, `kind`, a name, the annotation, and the minimal
 /// instance of the spec schema.
-pub fn probe_object(api_version: &str, kind: &str, namespace: &str, spec_schema: &Value, nonce: &str) -> Value {
+pub fn probe_object(
+    api_version: &str,
+    kind: &str,
+    namespace: &str,
+    spec_schema: &Value,
+    nonce: &str,
+) -> Value {
     json!({
         "apiVersion": api_version,
         "kind": kind,
@@ -44,10 +53,17 @@ pub fn minimal_instance(schema: &Value) -> Value {
     if let Some(d) = schema.get("default") {
         return d.clone();
     }
-    if let Some(first) = schema.get("enum").and_then(|e| e.as_array()).and_then(|e| e.first()) {
+    if let Some(first) = schema
+        .get("enum")
+        .and_then(|e| e.as_array())
+        .and_then(|e| e.first())
+    {
         return first.clone();
     }
-    let ty = schema.get("type").and_then(|t| t.as_str()).unwrap_or("object");
+    let ty = schema
+        .get("type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("object");
     let int = |k: &str| schema.get(k).and_then(|v| v.as_i64());
     let num = |k: &str| schema.get(k).and_then(|v| v.as_f64());
     match ty {
@@ -63,13 +79,32 @@ pub fn minimal_instance(schema: &Value) -> Value {
                 _ => json!("a".repeat(n)),
             }
         }
-        "integer" => json!(int("minimum").map(|m| if schema.get("exclusiveMinimum") == Some(&json!(true)) { m + 1 } else { m }).unwrap_or(0).max(int("minimum").unwrap_or(i64::MIN))),
+        "integer" => json!(
+            int("minimum")
+                .map(
+                    |m| if schema.get("exclusiveMinimum") == Some(&json!(true)) {
+                        m + 1
+                    } else {
+                        m
+                    }
+                )
+                .unwrap_or(0)
+                .max(int("minimum").unwrap_or(i64::MIN))
+        ),
         "number" => json!(num("minimum").unwrap_or(0.0)),
         "boolean" => json!(false),
         "array" => {
             let n = int("minItems").unwrap_or(0).clamp(0, 64) as usize;
-            let item = schema.get("items").map(minimal_instance).unwrap_or(Value::Null);
-            if schema.get("x-kubernetes-list-type").and_then(|t| t.as_str()) == Some("set") && n > 1 {
+            let item = schema
+                .get("items")
+                .map(minimal_instance)
+                .unwrap_or(Value::Null);
+            if schema
+                .get("x-kubernetes-list-type")
+                .and_then(|t| t.as_str())
+                == Some("set")
+                && n > 1
+            {
                 // Sets need distinct items; a minimal set of one is all we can build blindly.
                 json!([item])
             } else {
@@ -79,9 +114,17 @@ pub fn minimal_instance(schema: &Value) -> Value {
         _ => {
             let mut out = Map::new();
             let props = schema.get("properties").and_then(|p| p.as_object());
-            for name in schema.get("required").and_then(|r| r.as_array()).into_iter().flatten() {
+            for name in schema
+                .get("required")
+                .and_then(|r| r.as_array())
+                .into_iter()
+                .flatten()
+            {
                 let Some(name) = name.as_str() else { continue };
-                let sub = props.and_then(|p| p.get(name)).cloned().unwrap_or_else(|| json!({"type": "string"}));
+                let sub = props
+                    .and_then(|p| p.get(name))
+                    .cloned()
+                    .unwrap_or_else(|| json!({"type": "string"}));
                 out.insert(name.to_string(), minimal_instance(&sub));
             }
             let min_props = int("minProperties").unwrap_or(0);
@@ -92,7 +135,8 @@ pub fn minimal_instance(schema: &Value) -> Value {
                     if out.len() as i64 >= min_props {
                         break;
                     }
-                    out.entry(name.clone()).or_insert_with(|| minimal_instance(sub));
+                    out.entry(name.clone())
+                        .or_insert_with(|| minimal_instance(sub));
                 }
             }
             Value::Object(out)
@@ -107,23 +151,38 @@ mod tests {
     #[test]
     fn minimal_instances_satisfy_required_fields_and_bounds() {
         let schema = json!({"type": "object", "required": ["code", "count", "tags", "kind"],
-            "properties": {
-                "code": {"type": "string", "minLength": 3},
-                "count": {"type": "integer", "minimum": 5},
-                "tags": {"type": "array", "minItems": 1, "items": {"type": "string"}},
-                "kind": {"type": "string", "enum": ["b", "a"]},
-                "optional": {"type": "string"},
-            }});
-        assert_eq!(minimal_instance(&schema), json!({"code": "aaa", "count": 5, "tags": [""], "kind": "b"}));
+        "properties": {
+            "code": {"type": "string", "minLength": 3},
+            "count": {"type": "integer", "minimum": 5},
+            "tags": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+            "kind": {"type": "string", "enum": ["b", "a"]},
+            "optional": {"type": "string"},
+        }});
+        assert_eq!(
+            minimal_instance(&schema),
+            json!({"code": "aaa", "count": 5, "tags": [""], "kind": "b"})
+        );
         assert_eq!(minimal_instance(&json!({"type": "object"})), json!({}));
-        assert_eq!(minimal_instance(&json!({"type": "string", "format": "date-time"})), json!("1970-01-01T00:00:00Z"));
-        assert_eq!(minimal_instance(&json!({"type": "integer", "default": 7})), json!(7));
+        assert_eq!(
+            minimal_instance(&json!({"type": "string", "format": "date-time"})),
+            json!("1970-01-01T00:00:00Z")
+        );
+        assert_eq!(
+            minimal_instance(&json!({"type": "integer", "default": 7})),
+            json!(7)
+        );
     }
 
     #[test]
     fn a_probe_object_carries_its_nonce() {
-        let o = probe_object("todo.example.com/v1", "Todo", "shop", &json!({"type": "object", "required": ["code"],
-            "properties": {"code": {"type": "string"}}}), "n0nce");
+        let o = probe_object(
+            "todo.example.com/v1",
+            "Todo",
+            "shop",
+            &json!({"type": "object", "required": ["code"],
+            "properties": {"code": {"type": "string"}}}),
+            "n0nce",
+        );
         assert_eq!(nonce_of(&o), Some("n0nce"));
         assert_eq!(o["metadata"]["name"], "kab-probe-n0nce");
         assert_eq!(o["spec"], json!({"code": ""}));

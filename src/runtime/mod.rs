@@ -59,7 +59,10 @@ pub const TAINT_KEY: &str = "kab.dev/local";
 /// PodTolerationRestriction admission plugins).
 pub fn namespace_annotations() -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("scheduler.alpha.kubernetes.io/node-selector".to_string(), format!("{}={}", NODE_LABEL.0, NODE_LABEL.1)),
+        (
+            "scheduler.alpha.kubernetes.io/node-selector".to_string(),
+            format!("{}={}", NODE_LABEL.0, NODE_LABEL.1),
+        ),
         (
             "scheduler.alpha.kubernetes.io/defaultTolerations".to_string(),
             format!(r#"[{{"key":"{TAINT_KEY}","operator":"Exists","effect":"NoSchedule"}}]"#),
@@ -91,16 +94,30 @@ pub struct RuntimeConfig {
 
 impl RuntimeConfig {
     /// The defaults for this build: kab's and NATS's release images.
-    pub fn new(dir: PathBuf, kab_binary: PathBuf, nats_binary: PathBuf, identity: IdentityFn) -> Self {
+    pub fn new(
+        dir: PathBuf,
+        kab_binary: PathBuf,
+        nats_binary: PathBuf,
+        identity: IdentityFn,
+    ) -> Self {
         let settings = crate::render::Settings::default();
-        let kab_repo = settings.kab_image.split(':').next().unwrap_or_default().to_string();
+        let kab_repo = settings
+            .kab_image
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         Self {
             logs: dir.join("logs"),
             dir,
             kab_binary,
             nats_binary,
             kab_images: vec![kab_repo],
-            nats_images: vec!["docker.io/library/nats".into(), "nats".into(), "library/nats".into()],
+            nats_images: vec![
+                "docker.io/library/nats".into(),
+                "nats".into(),
+                "library/nats".into(),
+            ],
             identity,
         }
     }
@@ -173,19 +190,26 @@ impl LocalRuntime {
         });
         register_node(&client).await?;
         let proxy = Arc::new(proxy::Proxy::new(state.clone()));
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(heartbeat(client.clone())));
-        tasks.push(tokio::spawn(watch_objects(state.clone())));
-        tasks.push(tokio::spawn(watch_pods(state.clone())));
-        tasks.push(tokio::spawn(proxy.clone().watch_services()));
-        Ok(Self { state, tasks, proxy })
+        let tasks = vec![
+            tokio::spawn(heartbeat(client.clone())),
+            tokio::spawn(watch_objects(state.clone())),
+            tokio::spawn(watch_pods(state.clone())),
+            tokio::spawn(proxy.clone().watch_services()),
+        ];
+        Ok(Self {
+            state,
+            tasks,
+            proxy,
+        })
     }
 
     /// Every process the runtime runs now.
     pub fn processes(&self) -> Vec<ProcessInfo> {
         let pods = self.state.lock_pods();
         let mut all: Vec<ProcessInfo> = pods.values().flat_map(|p| p.processes()).collect();
-        all.sort_by(|a, b| (&a.namespace, &a.pod, &a.container).cmp(&(&b.namespace, &b.pod, &b.container)));
+        all.sort_by(|a, b| {
+            (&a.namespace, &a.pod, &a.container).cmp(&(&b.namespace, &b.pod, &b.container))
+        });
         all
     }
 
@@ -228,7 +252,11 @@ async fn register_node(client: &Client) -> anyhow::Result<()> {
         "spec": {"taints": [{"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"}]},
     });
     nodes
-        .patch(NODE_NAME, &PatchParams::apply("kab-local-runtime").force(), &Patch::Apply(&node))
+        .patch(
+            NODE_NAME,
+            &PatchParams::apply("kab-local-runtime").force(),
+            &Patch::Apply(&node),
+        )
         .await
         .context("registering the local node")?;
     let now = Timestamp::now().to_string();
@@ -260,7 +288,11 @@ async fn heartbeat(client: Client) {
                      "renewTime": Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()},
         });
         if let Err(e) = leases
-            .patch(NODE_NAME, &PatchParams::apply("kab-local-runtime").force(), &Patch::Apply(&lease))
+            .patch(
+                NODE_NAME,
+                &PatchParams::apply("kab-local-runtime").force(),
+                &Patch::Apply(&lease),
+            )
             .await
         {
             tracing::warn!(error = %e, "renewing the local node lease");
@@ -271,14 +303,20 @@ async fn heartbeat(client: Client) {
 
 /// Keeps the ConfigMaps and Secrets that volumes project, and refreshes the volumes on change.
 async fn watch_objects(state: Arc<State>) {
-    let cms = watcher(Api::<ConfigMap>::all(state.client.clone()), watcher::Config::default())
-        .default_backoff()
-        .touched_objects()
-        .map(|r| r.map(Obj::Cm));
-    let secrets = watcher(Api::<Secret>::all(state.client.clone()), watcher::Config::default())
-        .default_backoff()
-        .touched_objects()
-        .map(|r| r.map(Obj::Secret));
+    let cms = watcher(
+        Api::<ConfigMap>::all(state.client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects()
+    .map(|r| r.map(Obj::Cm));
+    let secrets = watcher(
+        Api::<Secret>::all(state.client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects()
+    .map(|r| r.map(Obj::Secret));
     let mut merged = std::pin::pin!(futures::stream::select(cms, secrets));
     while let Some(item) = merged.next().await {
         let Ok(obj) = item else { continue };
@@ -375,8 +413,14 @@ mod tests {
     #[test]
     fn images_map_to_local_programs() {
         let c = cfg();
-        assert_eq!(c.program_for(&crate::render::Settings::default().kab_image), Some(pod::Program::Kab));
-        assert_eq!(c.program_for("docker.io/library/nats:2.15.2-alpine"), Some(pod::Program::Nats));
+        assert_eq!(
+            c.program_for(&crate::render::Settings::default().kab_image),
+            Some(pod::Program::Kab)
+        );
+        assert_eq!(
+            c.program_for("docker.io/library/nats:2.15.2-alpine"),
+            Some(pod::Program::Nats)
+        );
         assert_eq!(c.program_for("nats:2.15.2"), Some(pod::Program::Nats));
         assert_eq!(c.program_for("nginx:1.27"), None);
         assert_eq!(c.program_for("ghcr.io/kab-dev/kab-other:1"), None);
@@ -385,7 +429,10 @@ mod tests {
     #[test]
     fn namespace_annotations_select_the_local_node() {
         let a = namespace_annotations();
-        assert_eq!(a["scheduler.alpha.kubernetes.io/node-selector"], "kab.dev/node=local");
+        assert_eq!(
+            a["scheduler.alpha.kubernetes.io/node-selector"],
+            "kab.dev/node=local"
+        );
         let tolerations: serde_json::Value =
             serde_json::from_str(&a["scheduler.alpha.kubernetes.io/defaultTolerations"]).unwrap();
         assert_eq!(tolerations[0]["key"], TAINT_KEY);

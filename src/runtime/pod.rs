@@ -111,7 +111,10 @@ impl PodHandle {
                 name: c.name.clone(),
                 image: c.image.clone().unwrap_or_default(),
                 waiting: Some(("ContainerCreating".into(), String::new())),
-                log: state.config.logs.join(format!("{namespace}_{name}_{}.log", c.name)),
+                log: state
+                    .config
+                    .logs
+                    .join(format!("{namespace}_{name}_{}.log", c.name)),
                 ..Default::default()
             })
             .collect();
@@ -138,7 +141,12 @@ impl PodHandle {
             }),
         };
         handle.refresh_volumes();
-        for (i, c) in pod.spec.iter().flat_map(|s| s.containers.iter()).enumerate() {
+        for (i, c) in pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .enumerate()
+        {
             let h = handle.clone();
             let c = c.clone();
             tokio::spawn(async move { h.supervise(i, c).await });
@@ -155,12 +163,21 @@ impl PodHandle {
 
     /// Labels of the pod now.
     pub fn labels(&self) -> BTreeMap<String, String> {
-        self.inner.pod.lock().unwrap_or_else(|p| p.into_inner()).labels().clone()
+        self.inner
+            .pod
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .labels()
+            .clone()
     }
 
     /// Whether every container is ready.
     pub fn ready(&self) -> bool {
-        let cs = self.inner.containers.lock().unwrap_or_else(|p| p.into_inner());
+        let cs = self
+            .inner
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         !cs.is_empty() && cs.iter().all(|c| c.ready)
     }
 
@@ -170,14 +187,23 @@ impl PodHandle {
             return None;
         }
         match target {
-            IntOrString::Int(n) => self.inner.ports.iter().find(|((_, p), _)| p == n).map(|(_, l)| *l),
+            IntOrString::Int(n) => self
+                .inner
+                .ports
+                .iter()
+                .find(|((_, p), _)| p == n)
+                .map(|(_, l)| *l),
             IntOrString::String(name) => self.inner.port_names.get(name).copied(),
         }
     }
 
     /// The processes of this pod.
     pub fn processes(&self) -> Vec<ProcessInfo> {
-        let cs = self.inner.containers.lock().unwrap_or_else(|p| p.into_inner());
+        let cs = self
+            .inner
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         cs.iter()
             .map(|c| ProcessInfo {
                 namespace: self.inner.namespace.clone(),
@@ -194,7 +220,11 @@ impl PodHandle {
     /// A newer version of the pod: a deletion stops it gracefully and finishes the delete.
     pub fn update(&self, pod: Pod) {
         let deleting = pod.metadata.deletion_timestamp.is_some();
-        let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30).clamp(0, 10) as u64;
+        let grace = pod
+            .metadata
+            .deletion_grace_period_seconds
+            .unwrap_or(30)
+            .clamp(0, 10) as u64;
         *self.inner.pod.lock().unwrap_or_else(|p| p.into_inner()) = pod.clone();
         if deleting && !*self.inner.stop.borrow() {
             let h = self.clone();
@@ -211,7 +241,11 @@ impl PodHandle {
     pub fn shutdown_now(&self) {
         let _ = self.inner.stop.send(true);
         let pids: Vec<u32> = {
-            let cs = self.inner.containers.lock().unwrap_or_else(|p| p.into_inner());
+            let cs = self
+                .inner
+                .containers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             cs.iter().filter_map(|c| c.pid).collect()
         };
         for pid in pids {
@@ -229,7 +263,11 @@ impl PodHandle {
         let mut rx = self.inner.stop.subscribe();
         while Instant::now() < deadline {
             let running = {
-                let cs = self.inner.containers.lock().unwrap_or_else(|p| p.into_inner());
+                let cs = self
+                    .inner
+                    .containers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 cs.iter().any(|c| c.pid.is_some())
             };
             if !running {
@@ -245,9 +283,12 @@ impl PodHandle {
         for v in &self.inner.volumes {
             match &v.source {
                 Source::ConfigMap { .. } | Source::Secret { .. } => {
-                    if let Some(files) =
-                        volumes::files(&v.source, &self.inner.namespace, &objects.config_maps, &objects.secrets)
-                    {
+                    if let Some(files) = volumes::files(
+                        &v.source,
+                        &self.inner.namespace,
+                        &objects.config_maps,
+                        &objects.secrets,
+                    ) {
                         let generation = self.inner.projections.fetch_add(1, Ordering::Relaxed);
                         if let Err(e) = volumes::project(&v.dir, &files, generation) {
                             tracing::warn!(pod = %self.inner.name, volume = %v.name, error = %e, "projecting a volume");
@@ -263,19 +304,27 @@ impl PodHandle {
 
     fn volume_ready(&self, v: &LocalVolume) -> Result<(), String> {
         match &v.source {
-            Source::ConfigMap { name, optional: false, .. } if !v.dir.join("..data").exists() => {
-                Err(format!("configmap \"{name}\" not found"))
-            }
-            Source::Secret { name, optional: false, .. } if !v.dir.join("..data").exists() => {
-                Err(format!("secret \"{name}\" not found"))
-            }
+            Source::ConfigMap {
+                name,
+                optional: false,
+                ..
+            } if !v.dir.join("..data").exists() => Err(format!("configmap \"{name}\" not found")),
+            Source::Secret {
+                name,
+                optional: false,
+                ..
+            } if !v.dir.join("..data").exists() => Err(format!("secret \"{name}\" not found")),
             _ => Ok(()),
         }
     }
 
     fn set(&self, i: usize, f: impl FnOnce(&mut ContainerState)) {
         {
-            let mut cs = self.inner.containers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cs = self
+                .inner
+                .containers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if let Some(c) = cs.get_mut(i) {
                 f(c);
             }
@@ -290,7 +339,11 @@ impl PodHandle {
 
     /// Runs one container: start, probe, restart with backoff, until the pod stops.
     async fn supervise(&self, i: usize, c: Container) {
-        let program = self.inner.state.config.program_for(c.image.as_deref().unwrap_or_default());
+        let program = self
+            .inner
+            .state
+            .config
+            .program_for(c.image.as_deref().unwrap_or_default());
         let Some(program) = program else {
             self.set(i, |s| {
                 s.waiting = Some((
@@ -312,18 +365,28 @@ impl PodHandle {
             let cmd = match self.command(program, &c) {
                 Ok(cmd) => cmd,
                 Err(reason) => {
-                    self.set(i, |s| s.waiting = Some(("CreateContainerConfigError".into(), reason)));
+                    self.set(i, |s| {
+                        s.waiting = Some(("CreateContainerConfigError".into(), reason))
+                    });
                     // Wait for the missing object (volumes are refreshed on every change).
                     let _ = tokio::time::timeout(Duration::from_secs(2), stop_rx.changed()).await;
                     continue;
                 }
             };
-            let log = self.inner.containers.lock().unwrap_or_else(|p| p.into_inner())[i].log.clone();
+            let log = self
+                .inner
+                .containers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())[i]
+                .log
+                .clone();
             let name = format!("{}/{}/{}", self.inner.namespace, self.inner.name, c.name);
             let mut process = match crate::plane::spawn_process(&name, cmd, &log) {
                 Ok(p) => p,
                 Err(e) => {
-                    self.set(i, |s| s.waiting = Some(("RunContainerError".into(), format!("{e:#}"))));
+                    self.set(i, |s| {
+                        s.waiting = Some(("RunContainerError".into(), format!("{e:#}")))
+                    });
                     let _ = tokio::time::timeout(backoff, stop_rx.changed()).await;
                     backoff = (backoff * 2).min(Duration::from_secs(300));
                     continue;
@@ -358,7 +421,12 @@ impl PodHandle {
                 s.last = Some((code, reason.to_string(), Timestamp::now().to_string()));
                 s.waiting = Some((
                     "CrashLoopBackOff".into(),
-                    format!("back-off {}s restarting failed container={} pod={}", backoff.as_secs(), c.name, self.inner.name),
+                    format!(
+                        "back-off {}s restarting failed container={} pod={}",
+                        backoff.as_secs(),
+                        c.name,
+                        self.inner.name
+                    ),
                 ));
             });
             let _ = tokio::time::timeout(backoff, stop_rx.changed()).await;
@@ -374,13 +442,31 @@ impl PodHandle {
         process: &mut Process,
         stop_rx: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Option<i32> {
-        let readiness = c.readiness_probe.as_ref().and_then(|p| self.http_probe(c, p));
-        let liveness = c.liveness_probe.as_ref().and_then(|p| self.http_probe(c, p));
-        let period = |p: Option<&Probe>| Duration::from_secs(p.and_then(|p| p.period_seconds).unwrap_or(10).max(1) as u64);
+        let readiness = c
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| self.http_probe(c, p));
+        let liveness = c
+            .liveness_probe
+            .as_ref()
+            .and_then(|p| self.http_probe(c, p));
+        let period = |p: Option<&Probe>| {
+            Duration::from_secs(p.and_then(|p| p.period_seconds).unwrap_or(10).max(1) as u64)
+        };
         let r_period = period(c.readiness_probe.as_ref());
         let l_period = period(c.liveness_probe.as_ref());
-        let l_threshold = c.liveness_probe.as_ref().and_then(|p| p.failure_threshold).unwrap_or(3);
-        let l_delay = Duration::from_secs(c.liveness_probe.as_ref().and_then(|p| p.initial_delay_seconds).unwrap_or(0).max(0) as u64);
+        let l_threshold = c
+            .liveness_probe
+            .as_ref()
+            .and_then(|p| p.failure_threshold)
+            .unwrap_or(3);
+        let l_delay = Duration::from_secs(
+            c.liveness_probe
+                .as_ref()
+                .and_then(|p| p.initial_delay_seconds)
+                .unwrap_or(0)
+                .max(0) as u64,
+        );
         let started = Instant::now();
         let mut next_ready = Instant::now() + Duration::from_millis(300);
         let mut next_live = Instant::now() + l_delay + l_period;
@@ -393,7 +479,10 @@ impl PodHandle {
             if self.stopping() {
                 let grace = {
                     let pod = self.inner.pod.lock().unwrap_or_else(|p| p.into_inner());
-                    pod.metadata.deletion_grace_period_seconds.unwrap_or(10).clamp(1, 10) as u64
+                    pod.metadata
+                        .deletion_grace_period_seconds
+                        .unwrap_or(10)
+                        .clamp(1, 10) as u64
                 };
                 stop_process(process, Duration::from_secs(grace)).await;
                 return None;
@@ -408,7 +497,12 @@ impl PodHandle {
                     self.set(i, |s| s.ready = ok);
                 }
                 // Probe quickly until first ready, then at the probe period.
-                next_ready = now + if ready { r_period } else { r_period.min(Duration::from_secs(1)) };
+                next_ready = now
+                    + if ready {
+                        r_period
+                    } else {
+                        r_period.min(Duration::from_secs(1))
+                    };
             }
             if let Some(p) = &liveness
                 && now >= next_live
@@ -466,7 +560,10 @@ impl PodHandle {
         let env = self.resolve_env(c.env.as_deref().unwrap_or_default())?;
         let mut args: Vec<String> = c.command.iter().flatten().skip(1).cloned().collect();
         args.extend(c.args.iter().flatten().cloned());
-        let args: Vec<String> = args.iter().map(|a| volumes::remap(&expand(a, &env), &mounts)).collect();
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| volumes::remap(&expand(a, &env), &mounts))
+            .collect();
         let port = |p: i32| self.inner.ports.get(&(c.name.clone(), p)).copied();
         let mut cmd;
         let home = self.inner.dir.join("home").join(&c.name);
@@ -484,7 +581,8 @@ impl PodHandle {
                 if let Some(i) = args.iter().position(|a| a == "--config" || a == "-c")
                     && let Some(path) = args.get(i + 1).cloned()
                 {
-                    let text = std::fs::read_to_string(&path).map_err(|e| format!("reading the NATS configuration {path}: {e}"))?;
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| format!("reading the NATS configuration {path}: {e}"))?;
                     let local = home.join("nats.conf");
                     std::fs::write(&local, volumes::remap_text(&text, &mounts))
                         .map_err(|e| format!("writing {}: {e}", local.display()))?;
@@ -501,7 +599,10 @@ impl PodHandle {
             }
         }
         cmd.env_clear();
-        cmd.env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()));
+        cmd.env(
+            "PATH",
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
+        );
         cmd.env("HOME", &home);
         cmd.current_dir(&home);
         for (k, v) in &env {
@@ -510,28 +611,37 @@ impl PodHandle {
         if program == Program::Kab {
             let sa = {
                 let pod = self.inner.pod.lock().unwrap_or_else(|p| p.into_inner());
-                pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into())
+                pod.spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .unwrap_or_else(|| "default".into())
             };
             let user = format!("system:serviceaccount:{}:{sa}", self.inner.namespace);
             let group = format!("system:serviceaccounts:{}", self.inner.namespace);
-            let kubeconfig = (self.inner.state.config.identity)(&user, &["system:serviceaccounts", &group, "system:authenticated"])
-                .map_err(|e| format!("issuing an identity for {user}: {e:#}"))?;
+            let kubeconfig = (self.inner.state.config.identity)(
+                &user,
+                &["system:serviceaccounts", &group, "system:authenticated"],
+            )
+            .map_err(|e| format!("issuing an identity for {user}: {e:#}"))?;
             cmd.env("KUBECONFIG", kubeconfig);
             cmd.env("KAB_HOSTS_FILE", self.inner.state.hosts_file());
-            if let Some(p) = c.ports.iter().flatten().find(|p| p.name.as_deref() == Some("https") || p.container_port == 8443) {
-                if let Some(l) = port(p.container_port) {
-                    cmd.env("KAB_LISTEN_ADDR", format!("127.0.0.1:{l}"));
-                }
-            }
-            if let Some(p) = c
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| matches!(p.name.as_deref(), Some("http") | Some("metrics")) || p.container_port == 8080)
+            let find = |want: &dyn Fn(&k8s_openapi::api::core::v1::ContainerPort) -> bool| {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .find(|p| want(p))
+                    .and_then(|p| port(p.container_port))
+            };
+            if let Some(l) =
+                find(&|p| p.name.as_deref() == Some("https") || p.container_port == 8443)
             {
-                if let Some(l) = port(p.container_port) {
-                    cmd.env("KAB_METRICS_ADDR", format!("127.0.0.1:{l}"));
-                }
+                cmd.env("KAB_LISTEN_ADDR", format!("127.0.0.1:{l}"));
+            }
+            if let Some(l) = find(&|p| {
+                matches!(p.name.as_deref(), Some("http") | Some("metrics"))
+                    || p.container_port == 8080
+            }) {
+                cmd.env("KAB_METRICS_ADDR", format!("127.0.0.1:{l}"));
             }
             if let Ok(filter) = std::env::var("KAB_LOCAL_RUST_LOG") {
                 cmd.env("RUST_LOG", filter);
@@ -541,7 +651,12 @@ impl PodHandle {
     }
 
     fn resolve_env(&self, vars: &[EnvVar]) -> Result<Vec<(String, String)>, String> {
-        let pod = self.inner.pod.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let pod = self
+            .inner
+            .pod
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let objects = self.inner.state.lock_objects();
         let mut out: Vec<(String, String)> = Vec::new();
         for v in vars {
@@ -550,17 +665,37 @@ impl PodHandle {
                     field(&pod, &f.field_path, &self.inner.ip)
                 } else if let Some(s) = &from.secret_key_ref {
                     let key = format!("{}/{}", self.inner.namespace, s.name);
-                    match objects.secrets.get(&key).and_then(|o| o.data.as_ref()).and_then(|d| d.get(&s.key)) {
+                    match objects
+                        .secrets
+                        .get(&key)
+                        .and_then(|o| o.data.as_ref())
+                        .and_then(|d| d.get(&s.key))
+                    {
                         Some(b) => String::from_utf8_lossy(&b.0).into_owned(),
                         None if s.optional == Some(true) => continue,
-                        None => return Err(format!("secret \"{}\" or its key \"{}\" not found", s.name, s.key)),
+                        None => {
+                            return Err(format!(
+                                "secret \"{}\" or its key \"{}\" not found",
+                                s.name, s.key
+                            ));
+                        }
                     }
                 } else if let Some(c) = &from.config_map_key_ref {
                     let key = format!("{}/{}", self.inner.namespace, c.name);
-                    match objects.config_maps.get(&key).and_then(|o| o.data.as_ref()).and_then(|d| d.get(&c.key)) {
+                    match objects
+                        .config_maps
+                        .get(&key)
+                        .and_then(|o| o.data.as_ref())
+                        .and_then(|d| d.get(&c.key))
+                    {
                         Some(s) => s.clone(),
                         None if c.optional == Some(true) => continue,
-                        None => return Err(format!("configmap \"{}\" or its key \"{}\" not found", c.name, c.key)),
+                        None => {
+                            return Err(format!(
+                                "configmap \"{}\" or its key \"{}\" not found",
+                                c.name, c.key
+                            ));
+                        }
                     }
                 } else {
                     String::new()
@@ -576,13 +711,26 @@ impl PodHandle {
     /// Reports the pod's status (merge patch of the status subresource), when it changed.
     async fn push_status(&self) {
         let _guard = self.inner.status_lock.lock().await;
-        if self.stopping() && self.inner.pod.lock().unwrap_or_else(|p| p.into_inner()).metadata.deletion_timestamp.is_some() {
+        if self.stopping()
+            && self
+                .inner
+                .pod
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .metadata
+                .deletion_timestamp
+                .is_some()
+        {
             return;
         }
         let status = self.status_json();
         let text = status.to_string();
         {
-            let mut last = self.inner.last_status.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = self
+                .inner
+                .last_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if *last == text {
                 return;
             }
@@ -590,16 +738,29 @@ impl PodHandle {
         }
         let api: Api<Pod> = Api::namespaced(self.inner.state.client.clone(), &self.inner.namespace);
         if let Err(e) = api
-            .patch_status(&self.inner.name, &PatchParams::default(), &Patch::Merge(&serde_json::json!({"status": status})))
+            .patch_status(
+                &self.inner.name,
+                &PatchParams::default(),
+                &Patch::Merge(&serde_json::json!({"status": status})),
+            )
             .await
         {
             tracing::debug!(pod = %self.inner.name, error = %e, "reporting pod status");
-            self.inner.last_status.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.inner
+                .last_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
         }
     }
 
     fn status_json(&self) -> serde_json::Value {
-        let cs = self.inner.containers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let cs = self
+            .inner
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let all_ready = !cs.is_empty() && cs.iter().all(|c| c.ready);
         let any_started = cs.iter().any(|c| c.pid.is_some() || c.restarts > 0);
         let statuses: Vec<serde_json::Value> = cs
@@ -670,7 +831,10 @@ pub async fn force_delete(client: &Client, pod: &Pod) {
     let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
     let mut dp = DeleteParams::default().grace_period(0);
     if let Some(uid) = pod.uid() {
-        dp.preconditions = Some(kube::api::Preconditions { uid: Some(uid), resource_version: None });
+        dp.preconditions = Some(kube::api::Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        });
     }
     if let Err(e) = api.delete(&pod.name_any(), &dp).await {
         tracing::debug!(pod = %pod.name_any(), error = %e, "finishing a pod delete");
@@ -690,10 +854,16 @@ fn field(pod: &Pod, path: &str, ip: &str) -> String {
         "metadata.namespace" => m.namespace.clone().unwrap_or_default(),
         "metadata.uid" => m.uid.clone().unwrap_or_default(),
         "spec.nodeName" => NODE_NAME.into(),
-        "spec.serviceAccountName" => pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_default(),
+        "spec.serviceAccountName" => pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_default(),
         "status.podIP" => ip.into(),
         "status.hostIP" => "127.0.0.1".into(),
-        _ => label("metadata.labels", &m.labels).or_else(|| label("metadata.annotations", &m.annotations)).unwrap_or_default(),
+        _ => label("metadata.labels", &m.labels)
+            .or_else(|| label("metadata.annotations", &m.annotations))
+            .unwrap_or_default(),
     }
 }
 

@@ -37,13 +37,21 @@ async fn attempt(p: &HttpProbe) -> Result<(), String> {
     let mut response = Vec::new();
     if p.https {
         let connector = tokio_rustls::TlsConnector::from(tls_config());
-        let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-        let mut tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
-        tls.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+        let name =
+            rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let mut tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        tls.write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         let _ = tls.read_to_end(&mut response).await;
     } else {
         let mut tcp = tcp;
-        tcp.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+        tcp.write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         let _ = tcp.read_to_end(&mut response).await;
     }
     let head = String::from_utf8_lossy(&response[..response.len().min(64)]).to_string();
@@ -52,7 +60,11 @@ async fn attempt(p: &HttpProbe) -> Result<(), String> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("no HTTP status in the response: {head:?}"))?;
-    if (200..400).contains(&code) { Ok(()) } else { Err(format!("HTTP probe failed with statuscode: {code}")) }
+    if (200..400).contains(&code) {
+        Ok(())
+    } else {
+        Err(format!("HTTP probe failed with statuscode: {code}"))
+    }
 }
 
 fn tls_config() -> Arc<rustls::ClientConfig> {
@@ -98,7 +110,12 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -106,7 +123,12 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -126,18 +148,34 @@ mod tests {
                 let (mut s, _) = listener.accept().await.unwrap();
                 let mut buf = [0u8; 1024];
                 let _ = s.read(&mut buf).await;
-                let _ = s.write_all(format!("HTTP/1.1 {code}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {code}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                    .await;
             }
         });
-        let p = HttpProbe { port, path: "/readyz".into(), https: false, timeout: Duration::from_secs(2) };
+        let p = HttpProbe {
+            port,
+            path: "/readyz".into(),
+            https: false,
+            timeout: Duration::from_secs(2),
+        };
         assert_eq!(run(&p).await, Ok(()));
         assert!(run(&p).await.unwrap_err().contains("503"));
     }
 
     #[tokio::test]
     async fn a_closed_port_fails() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let p = HttpProbe { port, path: "/".into(), https: false, timeout: Duration::from_secs(1) };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let p = HttpProbe {
+            port,
+            path: "/".into(),
+            https: false,
+            timeout: Duration::from_secs(1),
+        };
         assert!(run(&p).await.is_err());
     }
 }

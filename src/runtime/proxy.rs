@@ -33,7 +33,11 @@ struct Served {
 impl Proxy {
     /// A proxy over the runtime's pods.
     pub(crate) fn new(state: Arc<State>) -> Self {
-        Self { state, services: Mutex::new(HashMap::new()), addresses: Mutex::new(Vec::new()) }
+        Self {
+            state,
+            services: Mutex::new(HashMap::new()),
+            addresses: Mutex::new(Vec::new()),
+        }
     }
 
     /// Follows Services and serves those with a ClusterIP and a selector.
@@ -68,8 +72,16 @@ impl Proxy {
         let ns = svc.namespace().unwrap_or_default();
         let key = format!("{ns}/{}", svc.name_any());
         let Some(spec) = svc.spec.clone() else { return };
-        let Some(ip) = spec.cluster_ip.as_deref().and_then(|i| i.parse::<IpAddr>().ok()) else { return };
-        let Some(selector) = spec.selector.clone().filter(|s| !s.is_empty()) else { return };
+        let Some(ip) = spec
+            .cluster_ip
+            .as_deref()
+            .and_then(|i| i.parse::<IpAddr>().ok())
+        else {
+            return;
+        };
+        let Some(selector) = spec.selector.clone().filter(|s| !s.is_empty()) else {
+            return;
+        };
         if let Some(old) = self.lock().remove(&key) {
             for t in old.tasks {
                 t.abort();
@@ -79,13 +91,19 @@ impl Proxy {
             tracing::warn!(service = %key, %ip, error = %e, "cannot add the ClusterIP to the loopback interface");
             return;
         }
-        self.addresses.lock().unwrap_or_else(|p| p.into_inner()).push(ip);
+        self.addresses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ip);
         let mut tasks = Vec::new();
         for port in spec.ports.iter().flatten() {
             if port.protocol.as_deref().unwrap_or("TCP") != "TCP" {
                 continue;
             }
-            let target = port.target_port.clone().unwrap_or(IntOrString::Int(port.port));
+            let target = port
+                .target_port
+                .clone()
+                .unwrap_or(IntOrString::Int(port.port));
             let addr = SocketAddr::new(ip, port.port as u16);
             let me = self.clone();
             let ns = ns.clone();
@@ -122,7 +140,12 @@ impl Proxy {
     }
 
     /// Local ports of the ready pods in `ns` matching `selector`, for `target`.
-    fn backends(&self, ns: &str, selector: &BTreeMap<String, String>, target: &IntOrString) -> Vec<u16> {
+    fn backends(
+        &self,
+        ns: &str,
+        selector: &BTreeMap<String, String>,
+        target: &IntOrString,
+    ) -> Vec<u16> {
         let pods = self.state.lock_pods();
         let mut ports: Vec<(String, u16)> = pods
             .values()
@@ -131,7 +154,17 @@ impl Proxy {
                 let labels = p.labels();
                 selector.iter().all(|(k, v)| labels.get(k) == Some(v))
             })
-            .filter_map(|p| p.backend(target).map(|port| (p.processes().first().map(|i| i.pod.clone()).unwrap_or_default(), port)))
+            .filter_map(|p| {
+                p.backend(target).map(|port| {
+                    (
+                        p.processes()
+                            .first()
+                            .map(|i| i.pod.clone())
+                            .unwrap_or_default(),
+                        port,
+                    )
+                })
+            })
             .collect();
         ports.sort();
         ports.into_iter().map(|(_, p)| p).collect()
@@ -143,7 +176,10 @@ impl Proxy {
             .values()
             .map(|s| {
                 let (ns, name) = s.key.split_once('/').unwrap_or(("", &s.key));
-                format!("{} {name}.{ns}.svc {name}.{ns}.svc.cluster.local {name}.{ns}", s.ip)
+                format!(
+                    "{} {name}.{ns}.svc {name}.{ns}.svc.cluster.local {name}.{ns}",
+                    s.ip
+                )
             })
             .collect();
         lines.sort();
@@ -161,7 +197,12 @@ impl Proxy {
                 t.abort();
             }
         }
-        for ip in self.addresses.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for ip in self
+            .addresses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             let _ = std::process::Command::new("ip")
                 .args(["addr", "del", &format!("{ip}/32"), "dev", "lo"])
                 .stderr(std::process::Stdio::null())

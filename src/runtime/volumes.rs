@@ -21,9 +21,17 @@ pub struct LocalVolume {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     /// A ConfigMap (namespace/name, items, optional).
-    ConfigMap { name: String, items: Vec<(String, String)>, optional: bool },
+    ConfigMap {
+        name: String,
+        items: Vec<(String, String)>,
+        optional: bool,
+    },
     /// A Secret.
-    Secret { name: String, items: Vec<(String, String)>, optional: bool },
+    Secret {
+        name: String,
+        items: Vec<(String, String)>,
+        optional: bool,
+    },
     /// A directory that lives as long as the pod.
     EmptyDir,
     /// A directory that outlives the pod (per claim).
@@ -35,17 +43,27 @@ pub enum Source {
 /// The local volumes of a pod. Claims live in `claims_dir/<ns>/<claim>` so they survive restarts.
 pub fn plan(pod: &Pod, pod_dir: &Path, claims_dir: &Path) -> Vec<LocalVolume> {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
-    let Some(spec) = &pod.spec else { return Vec::new() };
+    let Some(spec) = &pod.spec else {
+        return Vec::new();
+    };
     spec.volumes
         .iter()
         .flatten()
         .map(|v| {
             let items = |items: &Option<Vec<k8s_openapi::api::core::v1::KeyToPath>>| {
-                items.iter().flatten().map(|i| (i.key.clone(), i.path.clone())).collect::<Vec<_>>()
+                items
+                    .iter()
+                    .flatten()
+                    .map(|i| (i.key.clone(), i.path.clone()))
+                    .collect::<Vec<_>>()
             };
             let (source, dir) = if let Some(cm) = &v.config_map {
                 (
-                    Source::ConfigMap { name: cm.name.clone(), items: items(&cm.items), optional: cm.optional.unwrap_or(false) },
+                    Source::ConfigMap {
+                        name: cm.name.clone(),
+                        items: items(&cm.items),
+                        optional: cm.optional.unwrap_or(false),
+                    },
                     pod_dir.join("volumes").join(&v.name),
                 )
             } else if let Some(s) = &v.secret {
@@ -64,7 +82,11 @@ pub fn plan(pod: &Pod, pod_dir: &Path, claims_dir: &Path) -> Vec<LocalVolume> {
             } else {
                 (Source::Other, pod_dir.join("volumes").join(&v.name))
             };
-            LocalVolume { name: v.name.clone(), dir, source }
+            LocalVolume {
+                name: v.name.clone(),
+                dir,
+                source,
+            }
         })
         .collect()
 }
@@ -77,17 +99,32 @@ pub fn files(
     config_maps: &std::collections::HashMap<String, ConfigMap>,
     secrets: &std::collections::HashMap<String, Secret>,
 ) -> Option<BTreeMap<String, Vec<u8>>> {
-    let (data, items): (BTreeMap<String, Vec<u8>>, &Vec<(String, String)>) = match source {
+    type Projection<'a> = (BTreeMap<String, Vec<u8>>, &'a Vec<(String, String)>);
+    let (data, items): Projection<'_> = match source {
         Source::ConfigMap { name, items, .. } => {
             let cm = config_maps.get(&format!("{namespace}/{name}"))?;
-            let mut d: BTreeMap<String, Vec<u8>> =
-                cm.data.iter().flatten().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
-            d.extend(cm.binary_data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())));
+            let mut d: BTreeMap<String, Vec<u8>> = cm
+                .data
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+                .collect();
+            d.extend(
+                cm.binary_data
+                    .iter()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), v.0.clone())),
+            );
             (d, items)
         }
         Source::Secret { name, items, .. } => {
             let s = secrets.get(&format!("{namespace}/{name}"))?;
-            let d = s.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+            let d = s
+                .data
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.0.clone()))
+                .collect();
             (d, items)
         }
         _ => return Some(BTreeMap::new()),
@@ -104,13 +141,22 @@ pub fn files(
 }
 
 /// Writes `files` into `dir` kubelet-style, unless they are already what `..data` holds.
-pub fn project(dir: &Path, files: &BTreeMap<String, Vec<u8>>, generation: u64) -> std::io::Result<bool> {
+pub fn project(
+    dir: &Path,
+    files: &BTreeMap<String, Vec<u8>>,
+    generation: u64,
+) -> std::io::Result<bool> {
     std::fs::create_dir_all(dir)?;
     let data_link = dir.join("..data");
     if let Ok(current) = std::fs::read_link(&data_link) {
         let current_dir = dir.join(&current);
-        let same = files.iter().all(|(k, v)| std::fs::read(current_dir.join(k)).is_ok_and(|c| &c == v))
-            && std::fs::read_dir(&current_dir).map(|r| r.count()).unwrap_or(0) == files.len();
+        let same = files
+            .iter()
+            .all(|(k, v)| std::fs::read(current_dir.join(k)).is_ok_and(|c| &c == v))
+            && std::fs::read_dir(&current_dir)
+                .map(|r| r.count())
+                .unwrap_or(0)
+                == files.len();
         if same {
             return Ok(false);
         }
@@ -150,7 +196,9 @@ pub fn project(dir: &Path, files: &BTreeMap<String, Vec<u8>>, generation: u64) -
 /// (longest mount path first; also after `=` as in `--flag=/path`).
 pub fn remap(value: &str, mounts: &[(String, PathBuf)]) -> String {
     let (prefix, path) = match value.split_once('=') {
-        Some((flag, rest)) if flag.starts_with('-') && rest.starts_with('/') => (format!("{flag}="), rest),
+        Some((flag, rest)) if flag.starts_with('-') && rest.starts_with('/') => {
+            (format!("{flag}="), rest)
+        }
         _ => (String::new(), value),
     };
     let mut sorted: Vec<&(String, PathBuf)> = mounts.iter().collect();
@@ -178,13 +226,21 @@ pub fn remap_text(text: &str, mounts: &[(String, PathBuf)]) -> String {
     let mut i = 0;
     let bytes = text.as_bytes();
     'outer: while i < text.len() {
-        let before_ok = i == 0 || matches!(bytes[i - 1], b' ' | b'\t' | b'"' | b'\'' | b':' | b'=' | b'\n');
+        let before_ok = i == 0
+            || matches!(
+                bytes[i - 1],
+                b' ' | b'\t' | b'"' | b'\'' | b':' | b'=' | b'\n'
+            );
         if before_ok && bytes[i] == b'/' {
             for (mount, local) in &sorted {
                 let mount = mount.trim_end_matches('/');
                 if text[i..].starts_with(mount) {
                     let end = i + mount.len();
-                    let after_ok = end == text.len() || matches!(bytes[end], b'/' | b' ' | b'\t' | b'"' | b'\'' | b'\n' | b'\r' | b',' | b'}');
+                    let after_ok = end == text.len()
+                        || matches!(
+                            bytes[end],
+                            b'/' | b' ' | b'\t' | b'"' | b'\'' | b'\n' | b'\r' | b',' | b'}'
+                        );
                     if after_ok {
                         out.push_str(&local.display().to_string());
                         i = end;
@@ -204,7 +260,10 @@ pub fn remap_text(text: &str, mounts: &[(String, PathBuf)]) -> String {
 mod tests {
     #[test]
     fn remap_text_rewrites_paths_only() {
-        let mounts = vec![("/data".to_string(), PathBuf::from("/local/claims/shop/data-0"))];
+        let mounts = vec![(
+            "/data".to_string(),
+            PathBuf::from("/local/claims/shop/data-0"),
+        )];
         let conf = "jetstream {\n  store_dir: /data\n}\nother: /database\nq: \"/data/x\"\n";
         assert_eq!(
             remap_text(conf, &mounts),
@@ -220,9 +279,15 @@ mod tests {
             ("/etc/kab".to_string(), PathBuf::from("/p/volumes/config")),
             ("/etc/kab/tls".to_string(), PathBuf::from("/p/volumes/tls")),
         ];
-        assert_eq!(remap("/etc/kab/stack.json", &mounts), "/p/volumes/config/stack.json");
+        assert_eq!(
+            remap("/etc/kab/stack.json", &mounts),
+            "/p/volumes/config/stack.json"
+        );
         assert_eq!(remap("/etc/kab/tls", &mounts), "/p/volumes/tls");
-        assert_eq!(remap("--cert=/etc/kab/tls/tls.crt", &mounts), "--cert=/p/volumes/tls/tls.crt");
+        assert_eq!(
+            remap("--cert=/etc/kab/tls/tls.crt", &mounts),
+            "--cert=/p/volumes/tls/tls.crt"
+        );
         assert_eq!(remap("/etc/kabby", &mounts), "/etc/kabby");
         assert_eq!(remap("webhook", &mounts), "webhook");
     }
@@ -233,11 +298,21 @@ mod tests {
         let v1 = BTreeMap::from([("tls.crt".to_string(), b"one".to_vec())]);
         assert!(project(dir.path(), &v1, 1).unwrap());
         assert_eq!(std::fs::read(dir.path().join("tls.crt")).unwrap(), b"one");
-        assert!(!project(dir.path(), &v1, 2).unwrap(), "unchanged data is not rewritten");
+        assert!(
+            !project(dir.path(), &v1, 2).unwrap(),
+            "unchanged data is not rewritten"
+        );
         let v2 = BTreeMap::from([("tls.crt".to_string(), b"two".to_vec())]);
         assert!(project(dir.path(), &v2, 3).unwrap());
         assert_eq!(std::fs::read(dir.path().join("tls.crt")).unwrap(), b"two");
-        let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(entries.len(), 3, "..data, one timestamped dir and the key link: {entries:?}");
+        let entries: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            entries.len(),
+            3,
+            "..data, one timestamped dir and the key link: {entries:?}"
+        );
     }
 }

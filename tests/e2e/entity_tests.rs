@@ -270,7 +270,11 @@ async fn nothing_is_lost_or_duplicated_across_broker_and_controller_failures(
     let api = env.entities(&ctx);
     let book = Arc::new(Book::default());
 
-    // 1. Creates, everything up.
+    // 1. (b) Kill #1 after events were acknowledged but their progress could not be recorded
+    //    (the controller's status permission is taken away): the restarted controller
+    //    publishes them again and the broker drops the retries; entities updated while it was
+    //    down get their update published after their creation.
+    env.allow_status_writes(&ctx, false).await?;
     let initial = writes / 5;
     let names: Vec<String> = (0..initial).map(|i| format!("o-{i:04}")).collect();
     burst(
@@ -279,7 +283,26 @@ async fn nothing_is_lost_or_duplicated_across_broker_and_controller_failures(
         names.iter().map(|n| Op::Create(n.clone())).collect(),
     )
     .await?;
+    let deadline = Instant::now() + TIMEOUT;
+    while scrape(controller.metrics_port).await?.published < initial as u64 {
+        ensure!(
+            Instant::now() < deadline,
+            "the creations were not published"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    controller.crash().await;
+    let ops = (0..writes / 20)
+        .map(|i| Op::Update(names[i * 2].clone()))
+        .collect();
+    burst(&api, &book, ops).await?;
+    env.allow_status_writes(&ctx, true).await?;
+    controller.restart(&ctx)?;
     wait_all_published(&api, TIMEOUT).await?;
+    ensure!(
+        scrape(controller.metrics_port).await?.duplicates >= initial as u64,
+        "every creation was published again and deduplicated"
+    );
 
     // 2. (a) The broker is down while entities change; the controller notices, then the
     //    broker comes back on the same port and store.
@@ -310,7 +333,7 @@ async fn nothing_is_lost_or_duplicated_across_broker_and_controller_failures(
 
     // 4. (b)+(c) Kill #2, then deletes, creates and updates while the controller is down.
     wait_all_published(&api, TIMEOUT).await?; // the deleted ones carry the finalizer
-    controller.kill();
+    controller.crash().await;
     let doomed: Vec<String> = names.iter().rev().take(writes / 10).cloned().collect();
     let late: Vec<String> = (0..writes / 20).map(|i| format!("q-{i:04}")).collect();
     let mut ops: Vec<Op> = doomed.iter().map(|n| Op::Delete(n.clone())).collect();
@@ -343,14 +366,14 @@ async fn nothing_is_lost_or_duplicated_across_broker_and_controller_failures(
     }
     let recovered = started.elapsed();
     let deduplicated = controller.duplicates + scrape(controller.metrics_port).await?.duplicates;
-    ensure!(controller.kills == 3, "{} kills", controller.kills);
+    ensure!(controller.kills == 4, "{} kills", controller.kills);
 
     let events = nats.read_stream(&env.stream()).await?;
     let live_objects = api.list(&Default::default()).await?.items;
     let report = check_no_loss(&book, &events, &live_objects)?;
     println!(
         "entity_tests no-loss: {} writes on {} entities ({} deleted while the controller was down), \
-         broker down {}s, controller SIGKILLed 3 times → {} events ({} created, {} updated, {} deleted), \
+         broker down {}s, controller SIGKILLed {} times → {} events ({} created, {} updated, {} deleted), \
          0 duplicates (ids and changes; {} retries dropped by the broker's deduplication), 0 missing, \
          {} generations superseded before they were observed, max lag change→stored {:.1}s, p50 {:.1}s; \
          whole scenario {:.0}s",
@@ -358,6 +381,7 @@ async fn nothing_is_lost_or_duplicated_across_broker_and_controller_failures(
         report.entities,
         doomed.len(),
         down.as_secs(),
+        controller.kills,
         events.len(),
         report.created,
         report.updated,
@@ -381,6 +405,8 @@ struct StackEnv {
     group: String,
     stack: KabStack,
     resource: ApiResource,
+    /// The controller's Role as rendered (to take a permission away and give it back).
+    controller_role: render::Child,
     dir: tempfile::TempDir,
 }
 
@@ -443,13 +469,44 @@ impl StackEnv {
             kind: KIND.into(),
             plural: PLURAL.into(),
         };
+        let controller_role = rendered
+            .get("Role", &format!("{STACK}-controller"))
+            .context("no controller Role rendered")?
+            .clone();
         Ok(Self {
             ns: ns.to_owned(),
             group,
             stack,
             resource,
+            controller_role,
             dir: tempfile::tempdir()?,
         })
+    }
+
+    /// Applies the controller's Role without (`false`) or with its rule on `<plural>/status`:
+    /// without it, events are acknowledged but their progress cannot be recorded, so the
+    /// controller retries them.
+    async fn allow_status_writes(&self, ctx: &Ctx, allowed: bool) -> anyhow::Result<()> {
+        let mut role = self.controller_role.object.clone();
+        if !allowed {
+            let status = format!("{PLURAL}/status");
+            if let Some(rules) = role.data["rules"].as_array_mut() {
+                rules.retain(|r| {
+                    !r["resources"]
+                        .as_array()
+                        .is_some_and(|a| a.contains(&json!(status)))
+                });
+            }
+        }
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client(), &self.ns, &self.controller_role.resource);
+        api.patch(
+            self.controller_role.name(),
+            &PatchParams::apply("kab-e2e").force(),
+            &Patch::Apply(&role),
+        )
+        .await?;
+        Ok(())
     }
 
     fn entities(&self, ctx: &Ctx) -> Api<DynamicObject> {
@@ -651,6 +708,14 @@ impl Controller {
     fn restart(&mut self, ctx: &Ctx) -> anyhow::Result<()> {
         self.process = Some(ctx.plane().spawn(&self.name, (self.cmd)())?);
         Ok(())
+    }
+
+    /// Notes what the controller deduplicated so far, and SIGKILLs it.
+    async fn crash(&mut self) {
+        if let Ok(m) = scrape(self.metrics_port).await {
+            self.duplicates += m.duplicates;
+        }
+        self.kill();
     }
 
     /// SIGKILL: no graceful shutdown, no Lease release, whatever was in flight is cut.

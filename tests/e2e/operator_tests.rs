@@ -342,7 +342,11 @@ async fn hand_edits_and_deletions_are_restored(ctx: Ctx) -> anyhow::Result<()> {
     // A hand edit of a field kab sets is reverted.
     let svcs: Api<Service> = Api::namespaced(client.clone(), &ns);
     let target = |s: &Service| {
-        s.spec.as_ref().and_then(|s| s.ports.as_ref()).and_then(|p| p.first()).and_then(|p| p.target_port.clone())
+        s.spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .and_then(|p| p.first())
+            .and_then(|p| p.target_port.clone())
     };
     let before = target(&svcs.get("todo-webhook").await?).context("no targetPort")?;
     ctx.kubectl([
@@ -356,9 +360,14 @@ async fn hand_edits_and_deletions_are_restored(ctx: Ctx) -> anyhow::Result<()> {
         r#"[{"op":"replace","path":"/spec/ports/0/targetPort","value":9999}]"#,
     ])
     .await?;
-    wait_for(&svcs, "todo-webhook", move |s: Option<&Service>| s.and_then(target) == Some(before.clone()), t)
-        .await
-        .context("hand-edited Service targetPort not restored")?;
+    wait_for(
+        &svcs,
+        "todo-webhook",
+        move |s: Option<&Service>| s.and_then(target) == Some(before.clone()),
+        t,
+    )
+    .await
+    .context("hand-edited Service targetPort not restored")?;
 
     // The cluster-scoped registration too.
     let regs: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
@@ -520,7 +529,13 @@ async fn a_crash_looping_webhook_degrades_the_stack_and_recovers(ctx: Ctx) -> an
     let ns = ctx.namespace("degraded").await?;
     apply_stack(&ctx, &todo_stack(&ns, "todo", &group_for(&ns))?).await?;
     let deps: Api<Deployment> = Api::namespaced(ctx.client(), &ns);
-    wait_for(&deps, "todo-webhook", |d: Option<&Deployment>| d.is_some(), Duration::from_secs(60)).await?;
+    wait_for(
+        &deps,
+        "todo-webhook",
+        |d: Option<&Deployment>| d.is_some(),
+        Duration::from_secs(60),
+    )
+    .await?;
     // Another field manager adds the KWOK crash-loop label to the webhook's pods; kab does not own
     // that label, so it keeps it: the new pods crash-loop.
     let chaos = json!({
@@ -528,13 +543,19 @@ async fn a_crash_looping_webhook_degrades_the_stack_and_recovers(ctx: Ctx) -> an
         "metadata": {"name": "todo-webhook", "namespace": ns},
         "spec": {"template": {"metadata": {"labels": {"kab.dev/simulate": "crash-loop"}}}}
     });
-    deps.patch("todo-webhook", &PatchParams::apply("e2e-chaos"), &Patch::Apply(&chaos)).await?;
+    deps.patch(
+        "todo-webhook",
+        &PatchParams::apply("e2e-chaos"),
+        &Patch::Apply(&chaos),
+    )
+    .await?;
     let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
     let degraded = wait_for(
         &stacks,
         "todo",
         |s: Option<&KabStack>| {
-            s.and_then(|s| s.status.as_ref()).and_then(|s| s.phase) == Some(kab::api::Phase::Degraded)
+            s.and_then(|s| s.status.as_ref()).and_then(|s| s.phase)
+                == Some(kab::api::Phase::Degraded)
         },
         Duration::from_secs(90),
     )
@@ -548,9 +569,16 @@ async fn a_crash_looping_webhook_degrades_the_stack_and_recovers(ctx: Ctx) -> an
     let row = degraded
         .status
         .as_ref()
-        .and_then(|s| s.components.iter().find(|c| c.kind == "Deployment" && c.name == format!("{ns}/todo-webhook")))
+        .and_then(|s| {
+            s.components
+                .iter()
+                .find(|c| c.kind == "Deployment" && c.name == format!("{ns}/todo-webhook"))
+        })
         .context("no component row for the webhook")?;
-    ensure!(!row.ready && row.message.contains("CrashLoopBackOff"), "row {row:?}");
+    ensure!(
+        !row.ready && row.message.contains("CrashLoopBackOff"),
+        "row {row:?}"
+    );
     Ok(())
 }
 
@@ -568,13 +596,19 @@ async fn a_failing_webhook_rollout_degrades_and_recovers(ctx: Ctx) -> anyhow::Re
             "containers": [{"name": "webhook", "volumeMounts": [{"name": "chaos", "mountPath": "/chaos"}]}],
         }}}
     });
-    deps.patch("todo-webhook", &PatchParams::apply("e2e-chaos"), &Patch::Apply(&chaos)).await?;
+    deps.patch(
+        "todo-webhook",
+        &PatchParams::apply("e2e-chaos"),
+        &Patch::Apply(&chaos),
+    )
+    .await?;
     let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
     let degraded = wait_for(
         &stacks,
         "todo",
         |s: Option<&KabStack>| {
-            s.and_then(|s| s.status.as_ref()).and_then(|s| s.phase) == Some(kab::api::Phase::Degraded)
+            s.and_then(|s| s.status.as_ref()).and_then(|s| s.phase)
+                == Some(kab::api::Phase::Degraded)
         },
         Duration::from_secs(90),
     )
@@ -586,8 +620,15 @@ async fn a_failing_webhook_rollout_degrades_and_recovers(ctx: Ctx) -> anyhow::Re
         "message should name the blocker: {msg}"
     );
     let withdraw = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "todo-webhook", "namespace": ns}});
-    deps.patch("todo-webhook", &PatchParams::apply("e2e-chaos"), &Patch::Apply(&withdraw)).await?;
-    wait_for(&stacks, "todo", is_ready, Duration::from_secs(90)).await.context("stack did not recover")?;
+    deps.patch(
+        "todo-webhook",
+        &PatchParams::apply("e2e-chaos"),
+        &Patch::Apply(&withdraw),
+    )
+    .await?;
+    wait_for(&stacks, "todo", is_ready, Duration::from_secs(90))
+        .await
+        .context("stack did not recover")?;
     Ok(())
 }
 

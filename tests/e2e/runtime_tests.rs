@@ -17,13 +17,24 @@ use serde_json::json;
 use crate::support::{Ctx, Test, e2e_tests, wait_for};
 
 pub fn tests() -> Vec<Test> {
-    e2e_tests![
+    let mut tests = e2e_tests![
         a_non_kab_image_is_reported_not_runnable,
         the_managed_broker_runs_as_a_real_nats_server,
         a_killed_process_makes_its_pod_unready_and_is_restarted,
         the_real_webhook_denies_through_the_rendered_service,
         a_killed_webhook_degrades_the_stack_until_restarted,
-    ]
+    ];
+    tests.push(
+        Test::new(
+            crate::support::qualified_name(
+                module_path!(),
+                "the_serving_certificate_rotates_under_load_without_a_failed_admission",
+            ),
+            the_serving_certificate_rotates_under_load_without_a_failed_admission,
+        )
+        .timeout(Duration::from_secs(330)),
+    );
+    tests
 }
 
 /// The runtime shared by the run (one `kab-local` node).
@@ -40,7 +51,8 @@ impl Runtime {
 pub async fn runtime(ctx: &Ctx) -> anyhow::Result<Arc<Runtime>> {
     ctx.shared(|plane: Arc<Plane>| async move {
         let p = plane.clone();
-        let identity: kab::runtime::IdentityFn = Arc::new(move |user, groups| p.write_kubeconfig(user, groups));
+        let identity: kab::runtime::IdentityFn =
+            Arc::new(move |user, groups| p.write_kubeconfig(user, groups));
         let mut config = kab::runtime::RuntimeConfig::new(
             plane.dir().join("runtime"),
             env!("CARGO_BIN_EXE_kab").into(),
@@ -58,7 +70,8 @@ pub async fn runtime(ctx: &Ctx) -> anyhow::Result<Arc<Runtime>> {
 /// A namespace whose pods the local runtime runs.
 pub async fn local_namespace(ctx: &Ctx, prefix: &str) -> anyhow::Result<String> {
     runtime(ctx).await?;
-    ctx.namespace_with(prefix, kab::runtime::namespace_annotations()).await
+    ctx.namespace_with(prefix, kab::runtime::namespace_annotations())
+        .await
 }
 
 fn pod_ready(p: &Pod) -> bool {
@@ -84,7 +97,10 @@ async fn a_non_kab_image_is_reported_not_runnable(ctx: Ctx) -> anyhow::Result<()
                 .and_then(|s| s.container_statuses.as_ref())
                 .is_some_and(|cs| {
                     cs.iter().any(|c| {
-                        c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref())
+                        c.state
+                            .as_ref()
+                            .and_then(|s| s.waiting.as_ref())
+                            .and_then(|w| w.reason.as_deref())
                             == Some("NotRunnableLocally")
                     })
                 })
@@ -105,7 +121,8 @@ async fn the_managed_broker_runs_as_a_real_nats_server(ctx: Ctx) -> anyhow::Resu
     crate::operator_tests::operator(&ctx).await?;
     let rt = runtime(&ctx).await?;
     let ns = local_namespace(&ctx, "rt-broker").await?;
-    let mut stack = crate::operator_tests::todo_stack(&ns, "todo", &format!("{ns}.e2e.example.com"))?;
+    let mut stack =
+        crate::operator_tests::todo_stack(&ns, "todo", &format!("{ns}.e2e.example.com"))?;
     stack["spec"]["rules"] = json!([]);
     stack["spec"]["webhook"]["failurePolicy"] = json!("Ignore");
     crate::operator_tests::apply_stack(&ctx, &stack).await?;
@@ -113,7 +130,11 @@ async fn the_managed_broker_runs_as_a_real_nats_server(ctx: Ctx) -> anyhow::Resu
     wait_for(
         &sts,
         "todo-broker",
-        |s: Option<&StatefulSet>| s.and_then(|s| s.status.as_ref()).and_then(|s| s.ready_replicas) == Some(1),
+        |s: Option<&StatefulSet>| {
+            s.and_then(|s| s.status.as_ref())
+                .and_then(|s| s.ready_replicas)
+                == Some(1)
+        },
         Duration::from_secs(90),
     )
     .await
@@ -125,12 +146,23 @@ async fn the_managed_broker_runs_as_a_real_nats_server(ctx: Ctx) -> anyhow::Resu
         .context("no local process for the broker pod")?;
     let pid = nats.pid.context("broker process not running")?;
     let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))?.replace('\0', " ");
-    ensure!(cmdline.contains("nats-server") && cmdline.contains("nats.conf"), "broker command line: {cmdline}");
+    ensure!(
+        cmdline.contains("nats-server") && cmdline.contains("nats.conf"),
+        "broker command line: {cmdline}"
+    );
     // The Service reaches it: the NATS monitoring endpoint through the ClusterIP.
-    let svc = Api::<k8s_openapi::api::core::v1::Service>::namespaced(ctx.client(), &ns).get("todo-broker").await?;
-    let ip = svc.spec.and_then(|s| s.cluster_ip).context("no ClusterIP")?;
+    let svc = Api::<k8s_openapi::api::core::v1::Service>::namespaced(ctx.client(), &ns)
+        .get("todo-broker")
+        .await?;
+    let ip = svc
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("no ClusterIP")?;
     let body = http_get(&format!("{ip}:8222"), "/healthz").await?;
-    ensure!(body.contains("200 OK"), "NATS /healthz through the Service: {body}");
+    ensure!(
+        body.contains("200 OK"),
+        "NATS /healthz through the Service: {body}"
+    );
     let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
     wait_for(
         &stacks,
@@ -148,8 +180,13 @@ async fn the_managed_broker_runs_as_a_real_nats_server(ctx: Ctx) -> anyhow::Resu
 
 async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
     Ok(out)
@@ -161,16 +198,27 @@ async fn a_killed_process_makes_its_pod_unready_and_is_restarted(ctx: Ctx) -> an
     crate::operator_tests::operator(&ctx).await?;
     let rt = runtime(&ctx).await?;
     let ns = local_namespace(&ctx, "rt-kill").await?;
-    let mut stack = crate::operator_tests::todo_stack(&ns, "todo", &format!("{ns}.e2e.example.com"))?;
+    let mut stack =
+        crate::operator_tests::todo_stack(&ns, "todo", &format!("{ns}.e2e.example.com"))?;
     stack["spec"]["rules"] = json!([]);
     stack["spec"]["webhook"]["failurePolicy"] = json!("Ignore");
     crate::operator_tests::apply_stack(&ctx, &stack).await?;
     let pods: Api<Pod> = Api::namespaced(ctx.client(), &ns);
-    let broker = wait_for(&pods, "todo-broker-0", |p: Option<&Pod>| p.is_some_and(pod_ready), Duration::from_secs(90))
-        .await
-        .context("broker pod not Ready")?;
+    let broker = wait_for(
+        &pods,
+        "todo-broker-0",
+        |p: Option<&Pod>| p.is_some_and(pod_ready),
+        Duration::from_secs(90),
+    )
+    .await
+    .context("broker pod not Ready")?;
     let restarts = |p: &Pod| {
-        p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|c| c.first()).map(|c| c.restart_count).unwrap_or(0)
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .map(|c| c.restart_count)
+            .unwrap_or(0)
     };
     let before = restarts(&broker);
     let pid = rt
@@ -183,9 +231,14 @@ async fn a_killed_process_makes_its_pod_unready_and_is_restarted(ctx: Ctx) -> an
     unsafe {
         libc::kill(pid as libc::pid_t, libc::SIGKILL);
     }
-    wait_for(&pods, "todo-broker-0", |p: Option<&Pod>| p.is_some_and(|p| !pod_ready(p)), Duration::from_secs(30))
-        .await
-        .context("pod still Ready after its process was killed")?;
+    wait_for(
+        &pods,
+        "todo-broker-0",
+        |p: Option<&Pod>| p.is_some_and(|p| !pod_ready(p)),
+        Duration::from_secs(30),
+    )
+    .await
+    .context("pod still Ready after its process was killed")?;
     let back = wait_for(
         &pods,
         "todo-broker-0",
@@ -194,14 +247,19 @@ async fn a_killed_process_makes_its_pod_unready_and_is_restarted(ctx: Ctx) -> an
     )
     .await
     .context("pod not restarted and Ready again")?;
-    ensure!(restarts(&back) == before + 1, "restart count {}", restarts(&back));
+    ensure!(
+        restarts(&back) == before + 1,
+        "restart count {}",
+        restarts(&back)
+    );
     Ok(())
 }
 
 /// A stack whose rules the real webhook process enforces; the API server reaches it through the
 /// Service the operator rendered, verifying its certificate for `<svc>.<ns>.svc`.
 fn ruled_stack(ns: &str) -> anyhow::Result<serde_json::Value> {
-    let mut stack = crate::operator_tests::todo_stack(ns, "todo", &format!("{ns}.e2e.example.com"))?;
+    let mut stack =
+        crate::operator_tests::todo_stack(ns, "todo", &format!("{ns}.e2e.example.com"))?;
     // No external rule: there is no business application in this test.
     stack["spec"]["rules"] = json!([
         {"name": "unique-code", "unique": {"fields": ["spec.code"]}},
@@ -231,13 +289,28 @@ async fn the_real_webhook_denies_through_the_rendered_service(ctx: Ctx) -> anyho
     .context("webhook not ready")?;
     let group = format!("{ns}.e2e.example.com");
     let todo = |name: &str, code: &str| {
-        format!("apiVersion: {group}/v1\nkind: Todo\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{code: \"{code}\", message: hi}}\n")
+        format!(
+            "apiVersion: {group}/v1\nkind: Todo\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{code: \"{code}\", message: hi}}\n"
+        )
     };
-    ctx.kubectl_with_stdin(["create", "-f", "-"], &todo("first", "A-1")).await.context("a valid entity must be admitted")?;
-    let denied = ctx.kubectl_with_stdin(["create", "-f", "-"], &todo("second", "A-1")).await;
-    let err = format!("{:#}", denied.err().context("a duplicate code must be denied")?);
-    ensure!(err.contains("unique-code"), "the denial must name the rule: {err}");
-    ensure!(err.contains("denied the request"), "the denial must come from the admission webhook: {err}");
+    ctx.kubectl_with_stdin(["create", "-f", "-"], &todo("first", "A-1"))
+        .await
+        .context("a valid entity must be admitted")?;
+    let denied = ctx
+        .kubectl_with_stdin(["create", "-f", "-"], &todo("second", "A-1"))
+        .await;
+    let err = format!(
+        "{:#}",
+        denied.err().context("a duplicate code must be denied")?
+    );
+    ensure!(
+        err.contains("unique-code"),
+        "the denial must name the rule: {err}"
+    );
+    ensure!(
+        err.contains("denied the request"),
+        "the denial must come from the admission webhook: {err}"
+    );
     Ok(())
 }
 
@@ -248,7 +321,9 @@ async fn a_killed_webhook_degrades_the_stack_until_restarted(ctx: Ctx) -> anyhow
     crate::operator_tests::apply_stack(&ctx, &ruled_stack(&ns)?).await?;
     let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
     let ready = |s: Option<&KabStack>| s.is_some_and(|s| kab::operator::ready(s.status.as_ref()));
-    wait_for(&stacks, "todo", ready, Duration::from_secs(120)).await.context("stack not Ready with real processes")?;
+    wait_for(&stacks, "todo", ready, Duration::from_secs(120))
+        .await
+        .context("stack not Ready with real processes")?;
     let victim = rt
         .processes()
         .into_iter()
@@ -261,7 +336,10 @@ async fn a_killed_webhook_degrades_the_stack_until_restarted(ctx: Ctx) -> anyhow
     let degraded = wait_for(
         &stacks,
         "todo",
-        |s: Option<&KabStack>| s.and_then(|s| s.status.as_ref()).and_then(|s| s.phase) == Some(kab::api::Phase::Degraded),
+        |s: Option<&KabStack>| {
+            s.and_then(|s| s.status.as_ref()).and_then(|s| s.phase)
+                == Some(kab::api::Phase::Degraded)
+        },
         Duration::from_secs(60),
     )
     .await
@@ -272,7 +350,110 @@ async fn a_killed_webhook_degrades_the_stack_until_restarted(ctx: Ctx) -> anyhow
         .and_then(|s| kab::status::condition(s, "Ready"))
         .map(|c| c.message.clone())
         .unwrap_or_default();
-    ensure!(msg.contains(&format!("{ns}/todo-webhook")) && msg.contains(&victim.pod), "Degraded must name the pod: {msg}");
-    wait_for(&stacks, "todo", ready, Duration::from_secs(90)).await.context("the restart did not bring the stack back")?;
+    ensure!(
+        msg.contains(&format!("{ns}/todo-webhook")) && msg.contains(&victim.pod),
+        "Degraded must name the pod: {msg}"
+    );
+    wait_for(&stacks, "todo", ready, Duration::from_secs(90))
+        .await
+        .context("the restart did not bring the stack back")?;
+    Ok(())
+}
+
+/// With a 3-minute serving certificate renewed 2 minutes before expiry, the operator rotates it
+/// every minute; the runtime projects the new Secret into the running webhook pods the way the
+/// kubelet does and the webhook reloads it. A steady stream of entity creates sees no failure and
+/// the webhook processes are never restarted.
+async fn the_serving_certificate_rotates_under_load_without_a_failed_admission(
+    ctx: Ctx,
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{ApiResource, DynamicObject};
+    crate::operator_tests::operator(&ctx).await?;
+    let rt = runtime(&ctx).await?;
+    let ns = local_namespace(&ctx, "rt-rotate").await?;
+    let mut stack = ruled_stack(&ns)?;
+    stack["spec"]["webhook"]["certificate"] = json!({"validity": "3m", "renewBefore": "2m"});
+    crate::operator_tests::apply_stack(&ctx, &stack).await?;
+    let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
+    let ready = |s: Option<&KabStack>| s.is_some_and(|s| kab::operator::ready(s.status.as_ref()));
+    wait_for(&stacks, "todo", ready, Duration::from_secs(120))
+        .await
+        .context("stack not Ready")?;
+    let webhooks = |rt: &Runtime| -> Vec<(String, Option<u32>, i32)> {
+        let mut v: Vec<_> = rt
+            .processes()
+            .into_iter()
+            .filter(|p| p.namespace == ns && p.pod.starts_with("todo-webhook-"))
+            .map(|p| (p.pod, p.pid, p.restarts))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = webhooks(&rt);
+    ensure!(
+        before.len() == 2 && before.iter().all(|w| w.1.is_some()),
+        "webhook processes: {before:?}"
+    );
+
+    let secrets: Api<Secret> = Api::namespaced(ctx.client(), &ns);
+    let cert = |s: &Secret| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get("tls.crt"))
+            .map(|b| b.0.clone())
+            .unwrap_or_default()
+    };
+    let mut seen = vec![cert(&secrets.get("todo-webhook-tls").await?)];
+
+    let group = format!("{ns}.e2e.example.com");
+    let resource = ApiResource {
+        group: group.clone(),
+        version: "v1".into(),
+        api_version: format!("{group}/v1"),
+        kind: "Todo".into(),
+        plural: "todos".into(),
+    };
+    let todos: Api<DynamicObject> = Api::namespaced_with(ctx.client(), &ns, &resource);
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let (mut created, mut failed) = (0u32, Vec::new());
+    let mut i = 0u32;
+    while seen.len() < 3 && std::time::Instant::now() < deadline {
+        i += 1;
+        let obj: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": format!("{group}/v1"), "kind": "Todo",
+            "metadata": {"name": format!("t{i}")}, "spec": {"code": format!("C-{i}"), "message": "rotating"}
+        }))?;
+        match todos.create(&PostParams::default(), &obj).await {
+            Ok(_) => created += 1,
+            Err(e) => failed.push(format!("t{i}: {e}")),
+        }
+        let now = cert(&secrets.get("todo-webhook-tls").await?);
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        // The write rate of the "steady stream" (a pacing interval, not a synchronisation).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rotations = seen.len() - 1;
+    eprintln!(
+        "certificate rotation: {rotations} rotations, {created} admissions, {} failed",
+        failed.len()
+    );
+    ensure!(
+        rotations >= 2,
+        "the serving certificate rotated {rotations} times in 4 minutes"
+    );
+    ensure!(
+        failed.is_empty(),
+        "{} admissions failed during rotation:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    let after = webhooks(&rt);
+    ensure!(
+        after == before,
+        "the webhook processes were restarted: before {before:?}, after {after:?}"
+    );
     Ok(())
 }
