@@ -132,6 +132,8 @@ fn the_todo_stack_has_every_child_in_apply_order() {
             "Role todo-controller",
             "RoleBinding todo-controller",
             "ServiceAccount todo-controller",
+            "Role todo-kab-probe",
+            "RoleBinding todo-kab-probe",
             "Role todo-reader",
             "RoleBinding todo-reader",
             "Role todo-webhook",
@@ -1191,7 +1193,7 @@ fn templates_can_be_shared_between_reconciles() {
 #[test]
 fn template_files_are_listed_in_apply_order() {
     let files = template_files();
-    assert_eq!(files.len(), 23);
+    assert_eq!(files.len(), 25);
     assert!(files.windows(2).all(|w| w[0].1 <= w[1].1));
     assert_eq!(
         files.last().unwrap(),
