@@ -212,11 +212,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         println!("  # {caveat}");
     }
     println!("  # {}", crate::cli::hints::events(&stack));
-    if plane.is_some() {
+    if let Some(p) = &plane {
         println!(
-            "Pods are simulated by KWOK on this local plane: the webhook, entity controller and broker"
+            "The stack's pods (webhook, entity controller, NATS) run here as local processes; their logs: {}",
+            p.logs_dir().display()
         );
-        println!("are scheduled and reported Ready, but their processes do not run here.");
     }
     if args.exit_when_ready {
         let _ = stop_tx.send(());

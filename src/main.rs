@@ -101,6 +101,8 @@ No colour when stdout is not a terminal or NO_COLOR is set.")]
     },
     /// Operator Lifecycle Manager packaging.
     #[command(subcommand)]
+    #[command(after_help = "Examples:
+  kab olm bundle --version 0.1.0")]
     Olm(OlmCommand),
 }
 
@@ -108,8 +110,9 @@ No colour when stdout is not a terminal or NO_COLOR is set.")]
 enum OlmCommand {
     /// Write the registry+v1 bundle: <output-dir>/<version>/{manifests,metadata}/ and
     /// <output-dir>/bundle.Dockerfile (the same Deployment and RBAC as `kab install`).
-    ///
-    /// Example: kab olm bundle --version 0.1.0
+    #[command(after_help = "Examples:
+  kab olm bundle --version 0.1.0                   # olm/0.1.0/ and olm/bundle.Dockerfile
+  kab olm bundle --version 0.2.0 --output-dir out")]
     Bundle {
         /// Version of the bundle (semver); the CSV is kab.v<version>.
         #[arg(long)]
@@ -254,8 +257,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => kab::cli::status::run(args).await,
         Command::Completions(args) => {
             let argv0 = std::env::args_os().next();
-            kab::cli::print_completions(&args, kab::cli::command_for::<Cli>(argv0.as_deref()));
-            Ok(())
+            kab::cli::print_completions(&args, kab::cli::command_for::<Cli>(argv0.as_deref()))
         }
         Command::Install {
             print: _,

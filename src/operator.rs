@@ -641,7 +641,11 @@ async fn admission_probe(
             true,
             format!("inconclusive: the API server refused the probe entity before the webhook saw it ({}); readiness comes from the Deployment", s.message),
         ),
-        Err(e) => (false, format!("a dry-run create did not reach the webhook: {e}")),
+        Err(kube::Error::Api(s)) => (
+            false,
+            format!("a dry-run create did not reach the webhook ({} {}): {}", s.code, s.reason, s.message),
+        ),
+        Err(e) => (false, format!("a dry-run create could not be sent: {e}")),
         Ok(_) => (
             false,
             "a dry-run probe entity was admitted without the webhook denying it: the webhook is not being called (failurePolicy Ignore with an unreachable webhook?)".to_string(),

@@ -118,7 +118,7 @@ pub fn events(stack: &KabStack) -> String {
                 "the external broker"
             };
             format!(
-                "entity changes are CloudEvents on subject {subject} of {which}: nats sub '{subject}' -s {url}"
+                "entity changes are CloudEvents on subject {subject} of {which}: nats sub '{subject}' -s {url} (in the cluster)"
             )
         }
     }
@@ -146,20 +146,32 @@ mod tests {
     }
 
     #[test]
-    fn an_external_rule_is_a_caveat() {
+    fn an_external_rule_that_fails_closed_is_a_caveat() {
+        let mut s = todo();
+        for r in &mut s.spec.rules {
+            if let Some(e) = r.external.as_mut() {
+                e.fail_open = false;
+            }
+        }
         assert_eq!(
-            caveats(&todo()),
+            caveats(&s),
             [
                 "rule app-says-ok asks http://todo-api.shop.svc/validate: until that application answers, creates are denied naming the rule"
             ]
         );
+        for r in &mut s.spec.rules {
+            if let Some(e) = r.external.as_mut() {
+                e.fail_open = true;
+            }
+        }
+        assert!(caveats(&s).is_empty(), "failOpen admits without the app");
     }
 
     #[test]
     fn events_name_the_subject_and_the_broker() {
         assert_eq!(
             events(&todo()),
-            "entity changes are CloudEvents on subject kab.shop.todos.> of the stack's broker: nats sub 'kab.shop.todos.>' -s nats://todo-broker.shop.svc:4222"
+            "entity changes are CloudEvents on subject kab.shop.todos.> of the stack's broker: nats sub 'kab.shop.todos.>' -s nats://todo-broker.shop.svc:4222 (in the cluster)"
         );
         let mut none = todo();
         none.spec.broker.mode = BrokerMode::None;

@@ -61,9 +61,27 @@ pub struct CompletionsArgs {
 }
 
 /// Writes the completion script of `cmd` for `shell` to stdout.
-pub fn print_completions(args: &CompletionsArgs, mut cmd: clap::Command) {
+pub fn print_completions(args: &CompletionsArgs, mut cmd: clap::Command) -> anyhow::Result<()> {
     let name = cmd.get_name().to_owned();
-    clap_complete::generate(args.shell, &mut cmd, name, &mut std::io::stdout());
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut cmd, name, &mut script);
+    write_stdout(&script)
+}
+
+/// Writes to stdout; a reader that went away (`kab status | head`) is not an error.
+pub fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    emit(bytes).map(drop)
+}
+
+/// Writes to stdout: `false` when the reader went away.
+fn emit(bytes: &[u8]) -> anyhow::Result<bool> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

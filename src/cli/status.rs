@@ -1,7 +1,7 @@
 //! `kab status`: fetch the facts, build the trees (pure), print them; `--watch` redraws on every
 //! change seen by watches on the stacks and their children.
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -34,7 +34,8 @@ pub struct StatusArgs {
     /// Every stack in every namespace.
     #[arg(short = 'A', long, conflicts_with_all = ["stack", "namespace"])]
     pub all_namespaces: bool,
-    /// Keep watching and redraw on every change (Ctrl-C to stop).
+    /// Keep watching and redraw on every change (Ctrl-C to stop); with `-o json|yaml`, one
+    /// document per change.
     #[arg(short = 'w', long)]
     pub watch: bool,
     /// Output format.
@@ -138,10 +139,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let out = render(&trees, single, args.output, Timestamp::now(), colour, false)?;
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(out.as_bytes())?;
-    stdout.flush()?;
-    Ok(())
+    super::write_stdout(out.as_bytes())
 }
 
 type Changes = Pin<Box<dyn Stream<Item = ()> + Send>>;
@@ -258,7 +256,6 @@ async fn watch(
     let mut frame = Frame::Trees(first);
     let mut shown_frame: Option<Frame> = None;
     let mut shown_text = String::new();
-    let mut stdout = std::io::stdout();
     loop {
         let text = match &frame {
             Frame::Trees(trees) if trees.is_empty() => format!("{}\n", nothing_message(target)),
@@ -266,23 +263,30 @@ async fn watch(
             Frame::Error(e) => format!("{e}\n"),
         };
         let changed = shown_frame.as_ref() != Some(&frame);
-        if redraw_in_place && text != shown_text {
+        let out = if redraw_in_place && text != shown_text {
             // Home, clear the screen, draw.
-            write!(
-                stdout,
+            Some(format!(
                 "\x1b[H\x1b[2J{text}\nwatching {program} status (redraws on every change; Ctrl-C to stop)\n"
-            )?;
-            stdout.flush()?;
+            ))
         } else if !redraw_in_place && changed {
             match (&frame, format) {
-                (Frame::Error(e), _) => eprintln!("{e}"),
-                (_, Format::Yaml) => write!(stdout, "---\n{text}")?,
-                (_, Format::Text | Format::Dot) if shown_frame.is_some() => {
-                    write!(stdout, "\n{text}")?
+                (Frame::Error(e), _) => {
+                    eprintln!("{e}");
+                    None
                 }
-                _ => write!(stdout, "{text}")?,
+                (_, Format::Yaml) => Some(format!("---\n{text}")),
+                (_, Format::Text | Format::Dot) if shown_frame.is_some() => {
+                    Some(format!("\n{text}"))
+                }
+                _ => Some(text.clone()),
             }
-            stdout.flush()?;
+        } else {
+            None
+        };
+        if let Some(out) = out
+            && !super::emit(out.as_bytes())?
+        {
+            return Ok(()); // the reader went away
         }
         shown_text = text;
         shown_frame = Some(frame.clone());

@@ -1,6 +1,7 @@
 //! The broker side: one NATS connection, the stack's JetStream stream (created or updated by the
 //! controller), and publishing with deduplication.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -10,7 +11,7 @@ use bytes::Bytes;
 
 use super::config::StackConfig;
 use super::event::{self, CLOUDEVENTS_JSON};
-use super::hosts::{self, Hosts};
+use super::hosts;
 use crate::api::JetStreamStorage;
 
 /// NATS header carrying the entity generation an event was built from.
@@ -110,18 +111,21 @@ pub struct Broker {
 
 impl Broker {
     /// Connects in the background (the client retries and reconnects forever), resolving the
-    /// URL's host through `hosts` when given.
+    /// URL's host through the hosts file at `hosts` when given.
     pub async fn connect(
         config: &StackConfig,
         options: &StreamOptions,
-        hosts: Option<&Hosts>,
+        hosts: Option<&Path>,
     ) -> anyhow::Result<Arc<Self>> {
         let url = config
             .broker
             .url
             .clone()
             .ok_or_else(|| anyhow::anyhow!("broker.url is not set"))?;
-        let resolved = hosts.and_then(|h| hosts::resolve_url(&url, h));
+        let resolved = match hosts {
+            Some(path) => hosts::resolve_in_file(&url, path, Duration::from_secs(60)).await,
+            None => None,
+        };
         let mut connect = match &config.broker.credentials_file {
             Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
                 .await

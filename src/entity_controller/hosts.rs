@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Environment variable naming the hosts file.
 pub const HOSTS_FILE_ENV: &str = "KAB_HOSTS_FILE";
@@ -35,10 +36,17 @@ impl Hosts {
 
     /// Reads the file named by [`HOSTS_FILE_ENV`], if set.
     pub fn from_env() -> anyhow::Result<Option<Self>> {
-        match std::env::var_os(HOSTS_FILE_ENV) {
-            Some(path) if !path.is_empty() => Ok(Some(Self::load(Path::new(&path))?)),
-            _ => Ok(None),
+        match Self::path_from_env() {
+            Some(path) => Ok(Some(Self::load(&path)?)),
+            None => Ok(None),
         }
+    }
+
+    /// The file named by [`HOSTS_FILE_ENV`], if set.
+    pub fn path_from_env() -> Option<PathBuf> {
+        std::env::var_os(HOSTS_FILE_ENV)
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
     }
 
     /// Reads and parses `path`.
@@ -65,6 +73,47 @@ pub struct Resolved {
     pub url: String,
     /// `host[:port]` of the original URL (the HTTP `Host` header to send).
     pub authority: String,
+}
+
+/// Resolves `url` through the hosts file at `path`, read now (the runtime adds Services as they
+/// appear). A cluster Service name (`….svc`, `….svc.cluster.local`) missing from the file is
+/// waited for, up to `patience`; any other name is left to DNS at once.
+pub async fn resolve_in_file(url: &str, path: &Path, patience: Duration) -> Option<Resolved> {
+    let deadline = Instant::now() + patience;
+    let mut warned = false;
+    loop {
+        let hosts = Hosts::load(path).unwrap_or_default();
+        if let Some(resolved) = resolve_url(url, &hosts) {
+            return Some(resolved);
+        }
+        let service = host_of(url).is_some_and(is_service_name);
+        if !service || Instant::now() >= deadline {
+            return None;
+        }
+        if !warned {
+            tracing::info!(%url, file = %path.display(), "waiting for the Service name in the hosts file");
+            warned = true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Whether `host` is the DNS name of a cluster Service.
+pub fn is_service_name(host: &str) -> bool {
+    let host = normalize(host);
+    host.ends_with(".svc") || host.ends_with(".svc.cluster.local")
+}
+
+/// The host of `scheme://[user@]host[:port][/…]`.
+pub fn host_of(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if hostport.starts_with('[') {
+        return None;
+    }
+    Some(hostport.rsplit_once(':').map_or(hostport, |(h, _)| h))
 }
 
 /// Replaces the host of `scheme://[user@]host[:port][/…]` by its address in `hosts`; `None`
@@ -167,5 +216,57 @@ not-an-ip   ignored.example
         );
         assert_eq!(resolve_url("nats://other.svc:4222", &hosts), None);
         assert_eq!(resolve_url("not a url", &hosts), None);
+    }
+
+    #[test]
+    fn service_names_are_recognised() {
+        assert_eq!(
+            host_of("nats://u:p@todo-broker.shop.svc:4222"),
+            Some("todo-broker.shop.svc")
+        );
+        assert_eq!(host_of("http://api.example.com/x"), Some("api.example.com"));
+        assert!(is_service_name("todo-broker.shop.svc"));
+        assert!(is_service_name("todo-broker.shop.svc.cluster.local."));
+        assert!(!is_service_name("nats.example.com"));
+    }
+
+    #[tokio::test]
+    async fn a_service_name_is_waited_for_and_other_names_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hosts");
+        std::fs::write(&path, "127.0.0.1 localhost\n").unwrap();
+        let started = Instant::now();
+        assert_eq!(
+            resolve_in_file(
+                "nats://nats.example.com:4222",
+                &path,
+                Duration::from_secs(5)
+            )
+            .await,
+            None
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "no wait for DNS names"
+        );
+
+        let writer = {
+            let path = path.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                std::fs::write(&path, "127.0.0.7 todo-broker.shop.svc\n").unwrap();
+            })
+        };
+        let resolved = resolve_in_file(
+            "nats://todo-broker.shop.svc:4222",
+            &path,
+            Duration::from_secs(5),
+        )
+        .await;
+        writer.await.unwrap();
+        assert_eq!(
+            resolved.map(|r| r.url),
+            Some("nats://127.0.0.7:4222".into())
+        );
     }
 }

@@ -184,6 +184,11 @@ impl Metrics {
         self.watching.store(watching, Ordering::Relaxed);
     }
 
+    /// Whether the entity watch has listed everything once.
+    pub fn watching(&self) -> bool {
+        self.watching.load(Ordering::Relaxed)
+    }
+
     /// Ready: the broker is connected (or there is none), and a leader is watching (a standby
     /// replica is ready to take over as soon as its broker connection is).
     pub fn ready(&self) -> bool {

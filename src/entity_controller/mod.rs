@@ -29,13 +29,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::{FutureExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
 use tokio::sync::watch;
 
 use self::broker::{Broker, StreamOptions};
@@ -103,7 +103,7 @@ fn init_logs(format: LogFormat) {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     init_logs(args.log_format);
     let config = Arc::new(StackConfig::load(&args.config)?);
-    let hosts = Hosts::from_env()?;
+    let hosts = Hosts::path_from_env();
     let metrics = Arc::new(Metrics::new(config.publishes()));
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
@@ -119,7 +119,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         replicas: args.stream_replicas,
     };
     let broker = if config.publishes() {
-        Some(Broker::connect(&config, &options, hosts.as_ref()).await?)
+        Some(Broker::connect(&config, &options, hosts.as_deref()).await?)
     } else {
         tracing::warn!("broker mode is None: entity changes are not published");
         None
@@ -128,7 +128,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .controller
         .notify
         .as_ref()
-        .map(|n| Notifier::new(n, hosts.as_ref()));
+        .map(|n| Notifier::new(n, hosts.clone()));
     tracing::info!(
         stack = %format!("{}/{}", config.stack.namespace, config.stack.name),
         entity = %format!("{}.{}", config.entity.plural, config.entity.group),
@@ -187,27 +187,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         metrics.clone(),
     ));
 
-    let controller = Controller::new_with(api, watcher::Config::default(), resource)
-        .with_config(ControllerConfig::default().concurrency(args.workers.max(1)));
-    let store = controller.store();
-    {
-        let (store, metrics) = (store.clone(), metrics.clone());
-        tokio::spawn(async move {
-            // kube-runtime's readiness wakes only its last waiter (the controller's own runner
-            // waits too): look again until it says ready.
-            loop {
-                if let Ok(ready) =
-                    tokio::time::timeout(Duration::from_millis(200), store.wait_until_ready()).await
-                {
-                    if ready.is_ok() {
-                        tracing::info!(entities = store.len(), "watching entities");
-                        metrics.set_watching(true);
-                    }
-                    break;
+    // The entity watch and its cache, built here rather than by `Controller::new` so that
+    // readiness comes from the watch itself (the store's own readiness signal wakes only one
+    // waiter, and the controller's runner is already waiting on it).
+    let writer = reflector::store::Writer::new(resource.clone());
+    let store = writer.as_reader();
+    let watching = metrics.clone();
+    let entities = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .inspect(move |event| match event {
+            Ok(watcher::Event::InitDone) => {
+                if !watching.watching() {
+                    tracing::info!("watching entities");
                 }
+                watching.set_watching(true);
             }
-        });
-    }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "entity watch failed (retrying)"),
+        })
+        .reflect(writer)
+        .applied_objects();
+    let controller = Controller::for_stream_with(entities, store.clone(), resource)
+        .with_config(ControllerConfig::default().concurrency(args.workers.max(1)));
     tokio::spawn(watch_backlog(store, ctx.clone()));
 
     let (lost_tx, mut lost_rx) = watch::channel(false);
@@ -330,7 +331,7 @@ async fn watch_backlog(store: Store<DynamicObject>, ctx: Arc<Context>) {
             .iter()
             .filter_map(|o| o.metadata.uid.clone())
             .collect();
-        if let Some(Ok(())) = store.wait_until_ready().now_or_never() {
+        if ctx.metrics.watching() {
             ctx.retain(&uids);
         }
     }

@@ -1,6 +1,7 @@
 //! The optional `controller.notify` callback: an HTTP POST of the same CloudEvent (structured
 //! mode, `application/cloudevents+json`), retried with exponential backoff.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use serde_json::Value;
 
 use super::config::NotifyConfig;
 use super::event::CLOUDEVENTS_JSON;
-use super::hosts::{self, Hosts};
+use super::hosts;
 
 /// Attempts per event before the outcome is recorded as failed.
 pub const ATTEMPTS: u32 = 5;
@@ -47,15 +48,16 @@ pub struct Delivered {
 pub struct Notifier {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     url: String,
-    target: String,
-    host: Option<String>,
+    /// The hosts file the URL's host is resolved through, read at each attempt.
+    hosts: Option<PathBuf>,
     timeout: Duration,
     base_delay: Duration,
 }
 
 impl Notifier {
-    /// A notifier for `config`, resolving the URL's host through `hosts` when given.
-    pub fn new(config: &NotifyConfig, hosts: Option<&Hosts>) -> Self {
+    /// A notifier for `config`, resolving the URL's host through the hosts file at `hosts`
+    /// when given.
+    pub fn new(config: &NotifyConfig, hosts: Option<PathBuf>) -> Self {
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let builder = hyper_rustls::HttpsConnectorBuilder::new();
         let builder = match builder.with_provider_and_native_roots(provider.clone()) {
@@ -80,14 +82,10 @@ impl Notifier {
         };
         let connector = builder.https_or_http().enable_http1().build();
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        let resolved = hosts.and_then(|h| hosts::resolve_url(&config.url, h));
         Self {
             client,
             url: config.url.clone(),
-            target: resolved
-                .as_ref()
-                .map_or_else(|| config.url.clone(), |r| r.url.clone()),
-            host: resolved.map(|r| r.authority),
+            hosts,
             timeout: Duration::from_secs(config.timeout_seconds.max(1)),
             base_delay: Duration::from_millis(250),
         }
@@ -136,11 +134,18 @@ impl Notifier {
     }
 
     async fn post(&self, body: Bytes) -> Result<(u16, String), String> {
-        let mut request = http::Request::post(&self.target)
+        let resolved = match &self.hosts {
+            Some(path) => hosts::resolve_in_file(&self.url, path, Duration::ZERO).await,
+            None => None,
+        };
+        let target = resolved
+            .as_ref()
+            .map_or(self.url.as_str(), |r| r.url.as_str());
+        let mut request = http::Request::post(target)
             .header(http::header::CONTENT_TYPE, CLOUDEVENTS_JSON)
             .header(http::header::USER_AGENT, "kab-entity-controller");
-        if let Some(host) = &self.host {
-            request = request.header(http::header::HOST, host);
+        if let Some(resolved) = &resolved {
+            request = request.header(http::header::HOST, &resolved.authority);
         }
         let request = request
             .body(Full::new(body))

@@ -16,6 +16,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWriteExt as _, BufReader};
 
 use crate::operator_tests::{apply_stack, operator, todo_stack};
+use crate::runtime_tests::local_namespace;
 use crate::support::{Ctx, Test, e2e_tests, qualified_name, wait_for};
 
 pub fn tests() -> Vec<Test> {
@@ -225,7 +226,8 @@ async fn status_of_a_ready_stack_is_ready_on_every_line_and_watch_follows_it(
     ctx: Ctx,
 ) -> anyhow::Result<()> {
     operator(&ctx).await?;
-    let ns = ctx.namespace("cli-ready").await?;
+    // Its pods run as local processes, so the operator's admission probe reaches a real webhook.
+    let ns = local_namespace(&ctx, "cli-ready").await?;
     let stack = format!("{ns}/todo");
     apply_stack(
         &ctx,
@@ -332,22 +334,46 @@ async fn status_of_a_degraded_stack_names_the_crash_looping_webhook(
     )
     .await?;
     let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
-    wait_for(&stacks, "todo", phase_is(Phase::Ready), WAIT).await?;
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client(), &ns);
+    wait_for(
+        &deployments,
+        "todo-webhook",
+        |d: Option<&Deployment>| d.is_some(),
+        WAIT,
+    )
+    .await?;
 
-    // The KWOK crash-loop label on the webhook's pods, from a field manager of its own.
+    // KWOK runs these pods (their processes do not run); its crash-loop label on the webhook's
+    // pods, from a field manager of its own, makes them crash-loop.
     let chaos = json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": "todo-webhook", "namespace": ns},
         "spec": {"template": {"metadata": {"labels": {"kab.dev/simulate": "crash-loop"}}}}
     });
-    Api::<Deployment>::namespaced(ctx.client(), &ns)
+    deployments
         .patch(
             "todo-webhook",
             &PatchParams::apply("e2e-chaos"),
             &Patch::Apply(&chaos),
         )
         .await?;
-    wait_for(&stacks, "todo", phase_is(Phase::Degraded), WAIT).await?;
+    // Degraded by the webhook alone: every other part has come up.
+    let only_the_webhook_degraded = |s: Option<&KabStack>| {
+        let Some(st) = s.and_then(|s| s.status.as_ref()) else {
+            return false;
+        };
+        let ok = |t: &str| kab::status::condition(st, t).is_some_and(|c| c.status == "True");
+        st.phase == Some(Phase::Degraded)
+            && [
+                "EntityAPIReady",
+                "ControllerReady",
+                "BrokerReady",
+                "CertificateValid",
+            ]
+            .into_iter()
+            .all(ok)
+    };
+    wait_for(&stacks, "todo", only_the_webhook_degraded, WAIT).await?;
 
     let text = kab_ok(&ctx, &["status", &stack]).await?;
     let lines = parse_text(&text)?;
@@ -512,7 +538,7 @@ async fn status_errors_say_what_to_do(ctx: Ctx) -> anyhow::Result<()> {
 
 async fn kubectl_kab_status_works_as_a_plugin(ctx: Ctx) -> anyhow::Result<()> {
     operator(&ctx).await?;
-    let ns = ctx.namespace("cli-plugin").await?;
+    let ns = local_namespace(&ctx, "cli-plugin").await?;
     let stack = format!("{ns}/todo");
     apply_stack(
         &ctx,
@@ -642,6 +668,7 @@ fn expect_progress_and_summary(out: &str) -> anyhow::Result<()> {
         "kubectl create -n shop -f - <<'EOF'",
         "kind: Todo",
         "subject kab.shop.todos.>",
+        "run here as local processes",
     ] {
         ensure!(out.contains(want), "kab dev did not print {want:?}:\n{out}");
     }

@@ -35,6 +35,7 @@ pub fn tests() -> Vec<Test> {
     let mut tests = e2e_tests![
         changes_are_published_as_cloud_events_in_order_and_notified,
         broker_mode_none_keeps_status_and_publishes_nothing,
+        a_managed_stack_publishes_through_its_own_broker,
     ];
     tests.push(
         Test::new(
@@ -245,9 +246,104 @@ async fn broker_mode_none_keeps_status_and_publishes_nothing(ctx: Ctx) -> anyhow
     Ok(())
 }
 
+/// The whole path as the operator builds it, run by the local workload runtime: the managed
+/// broker (a StatefulSet with a File store) and the entity controller Deployment run as real
+/// processes; an entity written through the API server arrives as a CloudEvent on the stack's
+/// stream, read through the broker's Service.
+async fn a_managed_stack_publishes_through_its_own_broker(ctx: Ctx) -> anyhow::Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Service;
+    crate::operator_tests::operator(&ctx).await?;
+    let ns = crate::runtime_tests::local_namespace(&ctx, "entity-managed").await?;
+    let group = format!("{ns}.e2e.example.com");
+    let mut stack = crate::operator_tests::todo_stack(&ns, "todo", &group)?;
+    stack["spec"]["rules"] = json!([]);
+    stack["spec"]["controller"] = json!({"replicas": 1}); // no business application here
+    crate::operator_tests::apply_stack(&ctx, &stack).await?;
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client(), &ns);
+    let controller = wait_for(
+        &deployments,
+        "todo-controller",
+        |d: Option<&Deployment>| {
+            d.and_then(|d| d.status.as_ref())
+                .and_then(|s| s.available_replicas)
+                == Some(1)
+        },
+        Duration::from_secs(120),
+    )
+    .await
+    .context("the entity controller did not become ready (broker connected, watching)")?;
+    let args =
+        serde_json::to_value(&controller)?["spec"]["template"]["spec"]["containers"][0]["args"]
+            .clone();
+    ensure!(
+        args.as_array()
+            .is_some_and(|a| a.contains(&json!("--stream-replicas=1"))),
+        "{args}"
+    );
+
+    let resource = ApiResource {
+        group: group.clone(),
+        version: "v1".into(),
+        api_version: format!("{group}/v1"),
+        kind: "Todo".into(),
+        plural: "todos".into(),
+    };
+    let todos: Api<DynamicObject> = Api::namespaced_with(ctx.client(), &ns, &resource);
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": resource.api_version, "kind": "Todo",
+        "metadata": {"name": "buy-milk"}, "spec": {"code": "M1", "message": "buy milk"},
+    }))?;
+    let created = todos.create(&PostParams::default(), &obj).await?;
+    let todo = wait_entity(&todos, "buy-milk", |o| published(o) == Some(1)).await?;
+    ensure!(
+        condition(&todo.data["status"]["kab"], "Published").0 == "True",
+        "{}",
+        todo.data["status"]
+    );
+
+    let svc = Api::<Service>::namespaced(ctx.client(), &ns)
+        .get("todo-broker")
+        .await?;
+    let ip = svc
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("no ClusterIP")?;
+    let client = async_nats::connect(format!("nats://{ip}:4222")).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(format!("kab-{ns}-todo")).await?;
+    let info = stream.info().await?;
+    ensure!(
+        info.config.storage == async_nats::jetstream::stream::StorageType::File
+            && info.config.subjects == [format!("kab.{ns}.todos.>")],
+        "stream {:?} {:?}",
+        info.config.storage,
+        info.config.subjects
+    );
+    let message = stream.get_raw_message(1).await.context("the first event")?;
+    let event: cloudevents::Event = serde_json::from_slice(&message.payload)?;
+    ensure!(
+        event.ty() == format!("{group}.Todo.created")
+            && event.subject() == Some("buy-milk")
+            && event.id() == format!("{}:created", created.uid().unwrap_or_default()),
+        "{event}"
+    );
+    todos.delete("buy-milk", &DeleteParams::default()).await?;
+    wait_gone(&todos, "buy-milk").await?;
+    let last = stream.info().await?.state.last_sequence;
+    let message = stream.get_raw_message(last).await?;
+    ensure!(
+        message.subject.as_str() == format!("kab.{ns}.todos.deleted"),
+        "{}",
+        message.subject
+    );
+    Ok(())
+}
+
 /// The acceptance test of the no-loss guarantee, scaled by `KAB_E2E_ENTITY_WRITES`:
 /// writes while (a) nats-server is stopped and restarted on the same port and store, (b) the
-/// controller process is SIGKILLed three times (twice in the middle of a burst), (c) entities are
+/// controller process is SIGKILLed four times (once with acknowledged events whose progress it could
+/// not record, twice while publishing, once before deletes), (c) entities are
 /// deleted while it is down. After recovery the stream holds exactly one event per observed
 /// change: one `created` and (for deleted entities) one `deleted` per object, `updated` events
 /// with strictly increasing generations ending at the entity's last generation, no duplicate id.

@@ -169,6 +169,12 @@ fn ready(s: Option<&KabStack>) -> bool {
     s.is_some_and(|s| kab::operator::ready(s.status.as_ref()))
 }
 
+fn entity_api_ready(s: Option<&KabStack>) -> bool {
+    s.and_then(|s| s.status.as_ref())
+        .and_then(|st| kab::status::condition(st, "EntityAPIReady"))
+        .is_some_and(|c| c.status == "True")
+}
+
 /// `examples/todo.yaml` named `todo` in `ns`, with an entity group of its own.
 fn todo_stack(ns: &str) -> anyhow::Result<Value> {
     let mut v: Value = serde_saphyr::from_str(include_str!("../../examples/todo.yaml"))?;
@@ -281,6 +287,7 @@ async fn plain_install_runs_the_operator_under_the_shipped_rbac(ctx: Ctx) -> any
     // Deployment.
     crate::operator_tests::operator(&ctx).await?;
     let manifests = kab(&["install", "--print", "--image", IMAGE]).await?;
+    let started = Instant::now();
     ctx.kubectl_with_stdin(["apply", "--server-side", "-f", "-"], &manifests)
         .await?;
     let client = ctx.client();
@@ -288,10 +295,9 @@ async fn plain_install_runs_the_operator_under_the_shipped_rbac(ctx: Ctx) -> any
     let name = kab::install::NAME;
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let started = Instant::now();
     let deployment = wait_for(&deployments, name, available, TIMEOUT).await?;
     println!(
-        "install_tests: plain install: Deployment {ns}/{name} Available after {:.1?}",
+        "install_tests: plain install: Deployment {ns}/{name} Available {:.1?} after kubectl apply started",
         started.elapsed()
     );
     let pod = &deployment.spec.template;
@@ -390,7 +396,8 @@ async fn plain_install_runs_the_operator_under_the_shipped_rbac(ctx: Ctx) -> any
     }
 
     // A stack becomes Ready with the operator running under that RBAC.
-    let stack_ns = ctx.namespace("plain-install").await?;
+    // In a namespace whose pods the local runtime runs: Ready includes a real admission call.
+    let stack_ns = crate::runtime_tests::local_namespace(&ctx, "plain-install").await?;
     apply_stack(&client, &todo_stack(&stack_ns)?).await?;
     let stacks: Api<KabStack> = Api::namespaced(client.clone(), &stack_ns);
     wait_for(&stacks, "todo", ready, TIMEOUT)
@@ -623,18 +630,21 @@ async fn plain_install_and_uninstall(plane: &Plane) -> anyhow::Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     wait_for(&crds, "kabstacks.kab.dev", is_crd_established(), TIMEOUT).await?;
 
-    // A stack made by the operator under the installed RBAC: its entity CRD is what stays.
+    // A stack handled by the operator under the installed RBAC: its entity CRD is what stays.
     let operator = spawn_operator(plane)?;
     restricted_namespace(&client, ns).await?;
     apply_stack(&client, &todo_stack(ns)?).await?;
+    // Pods are simulated here (the run's local runtime serves the shared plane only), so the
+    // stack cannot become Ready (its admission probe needs a real webhook); the operator still
+    // creates the entity API under the installed RBAC, and that is what must stay.
     let stacks: Api<KabStack> = Api::namespaced(client.clone(), ns);
-    let stack = wait_for(&stacks, "todo", ready, TIMEOUT)
+    let stack = wait_for(&stacks, "todo", entity_api_ready, TIMEOUT)
         .await
-        .with_context(|| format!("KabStack {ns}/todo not Ready"))?;
+        .with_context(|| format!("KabStack {ns}/todo has no entity API"))?;
     let entity_crd = stack
         .status
         .and_then(|s| s.entity)
-        .context("a Ready stack names its entity API")?;
+        .context("the stack names its entity API")?;
 
     // Uninstall as the README says: the stacks first, in the foreground (a stack is gone only
     // once its children are: the KabStack CRD must outlive them, or the garbage collector can no

@@ -1,0 +1,683 @@
+//! What every benchmark shares: knobs, statistics, the result table and its JSON, the plane, the
+//! operator process under the shipped RBAC, process CPU and memory, the audit log, and a few
+//! small HTTP and Kubernetes helpers.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kab::plane::{Plane, PlaneOptions, Process};
+use kube::api::Api;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// The operator's identity, as the shipped Deployment gives it.
+pub const OPERATOR_USER: &str = "system:serviceaccount:kab-system:kab-operator";
+
+/// Every namespace a benchmark creates starts with this.
+pub const NS_PREFIX: &str = "kb-";
+
+// ---------------------------------------------------------------------------------------------
+// Knobs
+// ---------------------------------------------------------------------------------------------
+
+/// A number from the environment (`default` when unset or unparsable).
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// Seconds from the environment.
+pub fn env_secs(name: &str, default: u64) -> Duration {
+    Duration::from_secs(env_usize(name, default as usize) as u64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics
+// ---------------------------------------------------------------------------------------------
+
+/// Nearest-rank percentile of `samples` (any order); 0 when empty.
+pub fn percentile(samples: &[f64], p: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    s[rank.clamp(1, s.len()) - 1]
+}
+
+/// Milliseconds of a duration.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// p50/p99/min/max/mean of a sample set, for the JSON.
+pub fn summary(samples: &[f64]) -> Value {
+    let n = samples.len();
+    let mean = if n == 0 {
+        0.0
+    } else {
+        samples.iter().sum::<f64>() / n as f64
+    };
+    let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    json!({
+        "n": n,
+        "p50": percentile(samples, 50.0),
+        "p90": percentile(samples, 90.0),
+        "p99": percentile(samples, 99.0),
+        "min": if n == 0 { 0.0 } else { min },
+        "max": if n == 0 { 0.0 } else { max },
+        "mean": mean,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The report: a table and its JSON
+// ---------------------------------------------------------------------------------------------
+
+/// One line of the table.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub figure: String,
+    pub unit: String,
+    pub kab: Option<f64>,
+    pub baseline: Option<f64>,
+    /// kab / baseline.
+    pub ratio: Option<f64>,
+    pub target: String,
+    /// `None`: reported, no target.
+    pub pass: Option<bool>,
+}
+
+impl Row {
+    pub fn new(figure: &str, unit: &str, kab: Option<f64>, baseline: Option<f64>) -> Self {
+        let ratio = match (kab, baseline) {
+            (Some(k), Some(b)) if b > 0.0 => Some(k / b),
+            _ => None,
+        };
+        Row {
+            figure: figure.into(),
+            unit: unit.into(),
+            kab,
+            baseline,
+            ratio,
+            target: String::new(),
+            pass: None,
+        }
+    }
+
+    pub fn target(mut self, target: &str, pass: bool) -> Self {
+        self.target = target.into();
+        self.pass = Some(pass);
+        self
+    }
+
+    pub fn info(mut self, note: &str) -> Self {
+        self.target = note.into();
+        self
+    }
+}
+
+/// What one benchmark prints and writes.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub name: String,
+    pub title: String,
+    /// Heading of the baseline column ("floor", "fixed-allow", "raw CRD").
+    pub baseline: String,
+    pub rows: Vec<Row>,
+    /// Conditions of the run, printed under the table.
+    pub notes: Vec<String>,
+    /// Everything else measured (samples, requests by verb, …).
+    pub details: Value,
+    pub started_at: String,
+    pub took_seconds: f64,
+}
+
+fn fmt_value(v: Option<f64>, unit: &str) -> String {
+    let Some(v) = v else {
+        return "—".into();
+    };
+    match unit {
+        "ms" => format!("{v:.1} ms"),
+        "s" => format!("{v:.2} s"),
+        "MiB" => format!("{v:.1} MiB"),
+        "/s" => format!("{v:.0}/s"),
+        "count" => format!("{v:.0}"),
+        "cpu-s" => format!("{v:.2} s"),
+        other => format!("{v:.2} {other}"),
+    }
+}
+
+impl Report {
+    pub fn new(name: &str, title: &str, baseline: &str) -> Self {
+        Report {
+            name: name.into(),
+            title: title.into(),
+            baseline: baseline.into(),
+            rows: Vec::new(),
+            notes: Vec::new(),
+            details: json!({}),
+            started_at: k8s_openapi::jiff::Timestamp::now().to_string(),
+            took_seconds: 0.0,
+        }
+    }
+
+    pub fn note(&mut self, s: impl Into<String>) {
+        let s = s.into();
+        eprintln!("bench {}: {s}", self.name);
+        self.notes.push(s);
+    }
+
+    pub fn detail(&mut self, key: &str, v: Value) {
+        if let Value::Object(m) = &mut self.details {
+            m.insert(key.into(), v);
+        }
+    }
+
+    /// The table as text (also what goes in the issue notes).
+    pub fn table(&self) -> String {
+        let header = [
+            "figure".to_string(),
+            "kab".to_string(),
+            self.baseline.clone(),
+            "ratio".to_string(),
+            "target".to_string(),
+            "result".to_string(),
+        ];
+        let mut lines: Vec<[String; 6]> = vec![header];
+        for r in &self.rows {
+            lines.push([
+                r.figure.clone(),
+                fmt_value(r.kab, &r.unit),
+                fmt_value(r.baseline, &r.unit),
+                r.ratio.map(|x| format!("{x:.2}×")).unwrap_or_else(|| "—".into()),
+                r.target.clone(),
+                match r.pass {
+                    Some(true) => "pass".into(),
+                    Some(false) => "MISS".into(),
+                    None => "".into(),
+                },
+            ]);
+        }
+        let widths: Vec<usize> = (0..6)
+            .map(|i| lines.iter().map(|l| l[i].chars().count()).max().unwrap_or(0))
+            .collect();
+        let mut out = format!("== {} ==\n", self.title);
+        for (n, l) in lines.iter().enumerate() {
+            let cells: Vec<String> = l
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
+                .collect();
+            out.push_str(&format!("| {} |\n", cells.join(" | ")));
+            if n == 0 {
+                let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+                out.push_str(&format!("|-{}-|\n", rule.join("-|-")));
+            }
+        }
+        for n in &self.notes {
+            out.push_str(&format!("  * {n}\n"));
+        }
+        out
+    }
+
+    /// Prints the table and writes `target/bench/<name>.json`.
+    pub fn finish(&mut self, started: Instant) -> anyhow::Result<PathBuf> {
+        self.took_seconds = started.elapsed().as_secs_f64();
+        println!("\n{}", self.table());
+        let dir = bench_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(format!("{}.json", self.name));
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(dir.join(format!("{}.txt", self.name)), self.table())?;
+        println!("written: {}", path.display());
+        Ok(path)
+    }
+}
+
+/// `target/bench` (honours `CARGO_TARGET_DIR`).
+pub fn bench_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("bench")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plane
+// ---------------------------------------------------------------------------------------------
+
+/// The audit policy of the benchmarks: every request of the operator (reads too), and the writes
+/// of everyone else (as the plane's own policy).
+pub const BENCH_AUDIT_POLICY: &str = "\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages:
+- RequestReceived
+rules:
+- level: Metadata
+  users: [\"system:serviceaccount:kab-system:kab-operator\"]
+- level: Metadata
+  verbs: [create, update, patch, delete, deletecollection]
+- level: None
+";
+
+/// Starts a plane for benchmark `name`. `fast_kcm` lifts KCM's and the scheduler's client limits;
+/// the audit policy also logs the operator's reads.
+pub async fn start_plane(name: &str, fast_kcm: bool) -> anyhow::Result<Plane> {
+    let dir = bench_dir();
+    std::fs::create_dir_all(&dir)?;
+    let policy = dir.join(format!("audit-policy-{name}.yaml"));
+    std::fs::write(&policy, BENCH_AUDIT_POLICY)?;
+    let opts = PlaneOptions {
+        fast_kcm,
+        apiserver_args: vec![format!("--audit-policy-file={}", policy.display())],
+        startup_timeout: Duration::from_secs(300),
+        ..PlaneOptions::default()
+    };
+    Plane::start(opts).await.context("starting the control plane")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The operator, under the RBAC it ships with
+// ---------------------------------------------------------------------------------------------
+
+pub struct Operator {
+    pub process: Process,
+    pub metrics_port: u16,
+}
+
+impl Operator {
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.process.exited().is_none()
+    }
+
+    /// A counter or gauge from `/metrics` (sum over label sets).
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let (_, text) = http_get(&format!("127.0.0.1:{}", self.metrics_port), "/metrics").await?;
+        Ok(metric_sum(&text, name))
+    }
+}
+
+/// Sum of the samples of metric `name` in a Prometheus/OpenMetrics text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Installs the KabStack CRD and the operator's RBAC exactly as `kab install --print` ships them
+/// (all but the Deployment), and starts the built `kab operator` with the shipped arguments plus
+/// `extra`, as a client certificate of the operator's ServiceAccount (nothing but that RBAC).
+pub async fn start_operator(plane: &Plane, extra: &[&str]) -> anyhow::Result<Operator> {
+    let manifests = kab::install::manifests(kab::install::NAMESPACE, "example.invalid/kab:bench")?;
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&manifests)?;
+    let kept: Vec<Value> = docs.into_iter().filter(|d| d["kind"] != "Deployment").collect();
+    let yaml = serde_saphyr::to_string_multiple(&kept)?;
+    kubectl_stdin(
+        plane,
+        &["apply", "--server-side", "--field-manager=kab-install", "-f", "-"],
+        &yaml,
+    )?;
+    let crds: Api<CustomResourceDefinition> = Api::all(plane.client());
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        kube::runtime::wait::await_condition(
+            crds,
+            "kabstacks.kab.dev",
+            kube::runtime::wait::conditions::is_crd_established(),
+        ),
+    )
+    .await
+    .context("the KabStack CRD was not Established in 60 s")??;
+
+    let kubeconfig = plane.write_kubeconfig(
+        OPERATOR_USER,
+        &[
+            "system:serviceaccounts",
+            "system:serviceaccounts:kab-system",
+            "system:authenticated",
+        ],
+    )?;
+    let port = kab::plane::free_port()?;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kab"));
+    // The arguments of the shipped Deployment (`kab install --print`), then the bench's.
+    cmd.args(["operator", "--leader-elect", "--log-format", "json"])
+        .args(["--lease-namespace", kab::install::NAMESPACE])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .args(extra)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", std::env::var("KAB_BENCH_OPERATOR_LOG").unwrap_or_else(|_| "info".into()));
+    let mut process = plane.spawn("operator", cmd)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if process.exited().is_some() {
+            bail!("kab operator exited:\n{}", process.log_tail(40));
+        }
+        if let Ok((200, _)) = http_get(&format!("127.0.0.1:{port}"), "/readyz").await {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("kab operator not ready in 60 s:\n{}", process.log_tail(40));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(Operator {
+        process,
+        metrics_port: port,
+    })
+}
+
+pub fn kubectl_stdin(plane: &Plane, args: &[&str], stdin: &str) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    let mut child = Command::new(plane.bin("kubectl"))
+        .args(args)
+        .env("KUBECONFIG", plane.kubeconfig_path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting kubectl")?;
+    child
+        .stdin
+        .take()
+        .context("kubectl stdin")?
+        .write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes: CPU and memory
+// ---------------------------------------------------------------------------------------------
+
+/// utime + stime of a process, in seconds (`/proc/<pid>/stat`).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Field 3 is fields[0]; utime is field 14, stime field 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let tick = if tick > 0 { tick as f64 } else { 100.0 };
+    Some((utime + stime) / tick)
+}
+
+/// The kernel's peak resident set size of a process (`VmHWM`), KiB.
+pub fn hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// Samples `kab::plane::rss_kib(pid)` every 100 ms and keeps the peak.
+pub struct RssSampler {
+    peak: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32) -> Self {
+        let peak = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = {
+            let (peak, stop) = (peak.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(kib) = kab::plane::rss_kib(pid) {
+                        peak.fetch_max(kib, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        RssSampler { peak, stop, task }
+    }
+
+    /// Peak so far, MiB.
+    pub fn peak_mib(&self) -> f64 {
+        self.peak.load(Ordering::Relaxed) as f64 / 1024.0
+    }
+
+    pub fn stop(self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.abort();
+        self.peak_mib()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The audit log
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuditLine {
+    #[serde(rename = "auditID")]
+    pub audit_id: String,
+    pub stage: String,
+    pub verb: String,
+    pub user: AuditUser,
+    pub object_ref: Option<AuditRef>,
+    pub response_status: Option<AuditCode>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct AuditUser {
+    pub username: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuditRef {
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+    pub subresource: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct AuditCode {
+    pub code: i32,
+}
+
+impl AuditLine {
+    /// `resource[/subresource]`.
+    pub fn resource(&self) -> String {
+        match &self.object_ref {
+            Some(r) if !r.subresource.is_empty() => format!("{}/{}", r.resource, r.subresource),
+            Some(r) => r.resource.clone(),
+            None => "(none)".into(),
+        }
+    }
+
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self.verb.as_str(),
+            "create" | "update" | "patch" | "delete" | "deletecollection"
+        )
+    }
+
+    /// The operator's leader-election Lease.
+    pub fn is_leader_lease(&self) -> bool {
+        self.object_ref.as_ref().is_some_and(|r| {
+            r.resource == "leases" && r.namespace == kab::install::NAMESPACE
+        })
+    }
+}
+
+/// Reads the audit log from a position on: each request once (by audit id).
+pub struct AuditTail {
+    path: PathBuf,
+    offset: u64,
+    seen: HashSet<String>,
+}
+
+impl AuditTail {
+    /// From the current end of the file.
+    pub fn at_end(path: &Path) -> Self {
+        let offset = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        AuditTail {
+            path: path.to_path_buf(),
+            offset,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Requests logged since the last call (complete lines only).
+    pub fn read(&mut self) -> anyhow::Result<Vec<AuditLine>> {
+        let mut f = std::fs::File::open(&self.path)
+            .with_context(|| format!("opening {}", self.path.display()))?;
+        f.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        let complete = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        self.offset += complete as u64;
+        let mut out = Vec::new();
+        for line in buf[..complete].split(|b| *b == b'\n') {
+            if line.is_empty() {
+                continue;
+            }
+            let Ok(ev) = serde_json::from_slice::<AuditLine>(line) else {
+                continue;
+            };
+            if self.seen.insert(ev.audit_id.clone()) {
+                out.push(ev);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Counts by verb, and by `verb resource`.
+pub fn by_verb(events: &[&AuditLine]) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
+    let mut verbs = BTreeMap::new();
+    let mut detail = BTreeMap::new();
+    for e in events {
+        *verbs.entry(e.verb.clone()).or_insert(0) += 1;
+        *detail
+            .entry(format!("{} {}", e.verb, e.resource()))
+            .or_insert(0) += 1;
+    }
+    (verbs, detail)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A plain HTTP/1.1 GET: `(status, body)`.
+pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .context("connect timeout")??;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .context("read timeout")??;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Creates namespaces (labelled Pod Security `restricted`, like the e2e tests, plus
+/// `annotations`) `concurrency` at a time.
+pub async fn create_namespaces(
+    client: &kube::Client,
+    names: &[String],
+    annotations: &BTreeMap<String, String>,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: Api<Namespace> = Api::all(client.clone());
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(names.iter().cloned())
+        .map(|name| {
+            let api = api.clone();
+            let annotations = annotations.clone();
+            async move {
+                let ns: Namespace = serde_json::from_value(json!({
+                    "apiVersion": "v1",
+                    "kind": "Namespace",
+                    "metadata": {
+                        "name": name,
+                        "labels": {"pod-security.kubernetes.io/enforce": "restricted", "kab.dev/bench": "true"},
+                        "annotations": annotations,
+                    },
+                }))?;
+                match api.create(&kube::api::PostParams::default(), &ns).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                    Err(e) => Err(e).with_context(|| format!("creating namespace {name}")),
+                }
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Waits until `f` holds, checking every `every` (the state `f` reads is kept by watches).
+pub async fn wait_until(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}

@@ -1,0 +1,842 @@
+//! Issue 10: the operator's latency for one stack (P1) and its behaviour with 500 stacks at once
+//! (P2), each against the floor — the same children created by a plain kube-rs client with the
+//! same parallelism, no operator — measured in the same run on the same plane.
+//!
+//! Knobs: `KAB_BENCH_P1` (stacks in P1, default 30), `KAB_BENCH_P2` (stacks in P2, default 500),
+//! `KAB_BENCH_IDLE_SECS` (idle window after P2, default 60), `KAB_BENCH_P2_ORDER`
+//! (`floor-first` default, or `kab-first`), `KAB_BENCH_OPERATOR_CONCURRENCY` (passed as
+//! `--concurrency` and used as the floor's stack parallelism; default: the operator's default,
+//! 16), `KAB_BENCH_P2_TIMEOUT` (seconds, default 900).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow};
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::jiff::Timestamp;
+use kab::api::KabStack;
+use kab::certs::{self, CertPolicy, PkiState};
+use kab::render::{self, Facts, Settings, Step, Templates};
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use serde_json::{Value, json};
+
+use crate::common::{self, AuditTail, OPERATOR_USER, Report, Row, ms, percentile};
+use crate::observer::{Key, Observer, key};
+
+const STACK: &str = "todo";
+/// The entity group of the operator's stacks (one CRD shared by all of them).
+const KAB_GROUP: &str = "kab.bench.example.com";
+/// The floor's own entity group (its own shared CRD).
+const FLOOR_GROUP: &str = "floor.bench.example.com";
+/// The operator applies a stack's children this many at a time (`buffer_unordered(8)` in
+/// `src/operator.rs`): the floor does the same.
+const CHILD_PARALLELISM: usize = 8;
+/// The operator's default `--concurrency`.
+const DEFAULT_CONCURRENCY: usize = 16;
+
+/// `examples/todo.yaml` in `ns` with entity group `group`.
+fn stack_value(ns: &str, group: &str) -> anyhow::Result<Value> {
+    let mut v: Value = serde_saphyr::from_str(include_str!("../../examples/todo.yaml"))?;
+    v["metadata"] = json!({"name": STACK, "namespace": ns});
+    v["spec"]["entity"]["group"] = json!(group);
+    Ok(v)
+}
+
+fn stack(ns: &str, group: &str) -> anyhow::Result<KabStack> {
+    Ok(serde_json::from_value(stack_value(ns, group)?)?)
+}
+
+/// What a stack in `ns` consists of once applied: `(key, is the webhook registration)`.
+/// The two certificate Secrets the operator keeps are children too.
+fn expected(ns: &str, group: &str) -> anyhow::Result<Vec<(Key, bool)>> {
+    let s = stack(ns, group)?;
+    let rendered = render::render(&Templates::embedded(), &s, &Settings::default(), &Facts::default())?;
+    let names = render::names(&s);
+    let mut out: Vec<(Key, bool)> = rendered
+        .children
+        .iter()
+        .map(|c| {
+            let kns = if c.namespaced { ns } else { "" };
+            (key(c.kind(), kns, c.name()), c.step == Step::Registration)
+        })
+        .collect();
+    out.push((key("Secret", ns, &names.webhook_ca_secret), false));
+    out.push((key("Secret", ns, &names.webhook_tls_secret), false));
+    Ok(out)
+}
+
+/// The resources the observer watches for existence (everything but the kinds it watches in
+/// full), from a rendered stack.
+fn plain_resources() -> anyhow::Result<Vec<ApiResource>> {
+    let s = stack("kb-x", KAB_GROUP)?;
+    let rendered = render::render(&Templates::embedded(), &s, &Settings::default(), &Facts::default())?;
+    let mut out: BTreeMap<String, ApiResource> = BTreeMap::new();
+    for c in &rendered.children {
+        if matches!(
+            c.kind(),
+            "Deployment" | "StatefulSet" | "CustomResourceDefinition"
+        ) {
+            continue;
+        }
+        out.insert(c.kind().to_string(), c.resource.clone());
+    }
+    out.insert(
+        "Secret".into(),
+        ApiResource::erase::<k8s_openapi::api::core::v1::Secret>(&()),
+    );
+    Ok(out.into_values().collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The floor: the same children, created by a plain client
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct Obj {
+    ar: ApiResource,
+    namespaced: bool,
+    ns: String,
+    body: DynamicObject,
+}
+
+struct FloorStack {
+    ns: String,
+    objects: Vec<Obj>,
+    registration: Obj,
+}
+
+/// Renames kab's ownership labels, so that the operator's label-selected watches never see the
+/// floor's objects (it would cache them and map them to stacks): same objects, same sizes.
+fn relabel(v: &Value) -> anyhow::Result<Value> {
+    let text = serde_json::to_string(v)?
+        .replace("\"kab.dev/stack\"", "\"floor.kab.dev/stack\"")
+        .replace("\"kab.dev/stack-namespace\"", "\"floor.kab.dev/stack-namespace\"")
+        .replace(
+            "\"app.kubernetes.io/managed-by\":\"kab\"",
+            "\"app.kubernetes.io/managed-by\":\"kab-bench-floor\"",
+        );
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Everything the floor creates for a stack in `ns`: the rendered children (the registration
+/// apart) and the two certificate Secrets, with a PKI issued beforehand (not timed).
+fn floor_stack(ns: &str) -> anyhow::Result<FloorStack> {
+    let s = stack(ns, FLOOR_GROUP)?;
+    let names = render::names(&s);
+    let policy = CertPolicy::from_spec(&s.spec.webhook.certificate)?;
+    let dns = certs::webhook_dns_names(&names.webhook, ns);
+    let pki = certs::execute(
+        Timestamp::now(),
+        &PkiState::default(),
+        &policy,
+        &dns,
+        certs::Action::IssueAll,
+    )?;
+    let facts = Facts {
+        ca_bundle_pem: Some(certs::ca_bundle(&pki)),
+    };
+    let rendered = render::render(&Templates::embedded(), &s, &Settings::default(), &facts)?;
+    let mut objects = Vec::new();
+    let mut registration = None;
+    for c in &rendered.children {
+        let body: DynamicObject = serde_json::from_value(relabel(&serde_json::to_value(&c.object)?)?)?;
+        let o = Obj {
+            ar: c.resource.clone(),
+            namespaced: c.namespaced,
+            ns: ns.to_string(),
+            body,
+        };
+        if c.step == Step::Registration {
+            registration = Some(o);
+        } else {
+            objects.push(o);
+        }
+    }
+    let mut labels = render::stack_labels(&s);
+    labels.insert("app.kubernetes.io/component".into(), "webhook".into());
+    for (name, type_, data) in [
+        (&names.webhook_ca_secret, "Opaque", pki.ca_secret_data()),
+        (&names.webhook_tls_secret, "kubernetes.io/tls", pki.tls_secret_data()),
+    ] {
+        let secret = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "type": type_, "data": data,
+        });
+        objects.push(Obj {
+            ar: ApiResource::erase::<k8s_openapi::api::core::v1::Secret>(&()),
+            namespaced: true,
+            ns: ns.to_string(),
+            body: serde_json::from_value(relabel(&secret)?)?,
+        });
+    }
+    Ok(FloorStack {
+        ns: ns.to_string(),
+        objects,
+        registration: registration.ok_or_else(|| anyhow!("no registration rendered"))?,
+    })
+}
+
+/// POST one object (already there counts as created); transient failures are retried.
+async fn create(client: kube::Client, o: Obj) -> anyhow::Result<()> {
+    let api: Api<DynamicObject> = if o.namespaced {
+        Api::namespaced_with(client, &o.ns, &o.ar)
+    } else {
+        Api::all_with(client, &o.ar)
+    };
+    let mut attempt = 0;
+    loop {
+        match api.create(&PostParams::default(), &o.body).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => return Ok(()),
+            Err(e) if attempt < 5 => {
+                attempt += 1;
+                eprintln!("floor: retrying {} {}: {e}", o.ar.kind, o.body.metadata.name.as_deref().unwrap_or(""));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("floor: creating {} {}/{}", o.ar.kind, o.ns, o.body.metadata.name.as_deref().unwrap_or(""))
+                });
+            }
+        }
+    }
+}
+
+/// Creates a floor stack's objects `CHILD_PARALLELISM` at a time (the registration comes later,
+/// from [`Registrar`], when the webhook Deployment is available — as the operator does it).
+async fn run_floor_stack(client: kube::Client, objects: Vec<Obj>) -> anyhow::Result<()> {
+    futures::stream::iter(objects)
+        .map(|o| create(client.clone(), o))
+        .buffer_unordered(CHILD_PARALLELISM)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+/// Creates a floor stack's webhook registration as soon as the observer sees its webhook
+/// Deployment available.
+struct Registrar {
+    pending: Arc<Mutex<HashMap<String, Obj>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Registrar {
+    fn start(client: kube::Client, obs: &Observer) -> Self {
+        let pending: Arc<Mutex<HashMap<String, Obj>>> = Arc::default();
+        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        let mut rx = obs.subscribe_webhook_available();
+        let task = {
+            let (pending, errors) = (pending.clone(), errors.clone());
+            tokio::spawn(async move {
+                while let Some(ns) = rx.recv().await {
+                    let reg = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&ns);
+                    if let Some(reg) = reg {
+                        let (client, errors) = (client.clone(), errors.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = create(client, reg).await {
+                                errors.lock().unwrap_or_else(|p| p.into_inner()).push(format!("{e:#}"));
+                            }
+                        });
+                    }
+                }
+            })
+        };
+        Registrar { pending, errors, task }
+    }
+
+    fn expect(&self, o: Obj) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(o.ns.clone(), o);
+    }
+
+    fn errors(&self) -> Vec<String> {
+        self.errors.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for Registrar {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-stack figures, from the observer's timestamps
+// ---------------------------------------------------------------------------------------------
+
+fn since(t0: Instant, t: Instant) -> Duration {
+    t.saturating_duration_since(t0)
+}
+
+/// Every child but the registration exists: when (from `t0`).
+fn applied_at(obs: &Observer, exp: &[(Key, bool)], t0: Instant) -> Option<Duration> {
+    obs.with(|s| {
+        let mut last = Duration::ZERO;
+        for (k, reg) in exp {
+            if *reg {
+                continue;
+            }
+            last = last.max(since(t0, *s.exists.get(k)?));
+        }
+        Some(last)
+    })
+}
+
+/// Every child ready (the floor's readiness: what the operator's status requires).
+fn all_ready_at(obs: &Observer, exp: &[(Key, bool)], t0: Instant) -> Option<Duration> {
+    obs.with(|s| {
+        let mut last = Duration::ZERO;
+        for (k, _) in exp {
+            last = last.max(since(t0, *s.ready.get(k)?));
+        }
+        Some(last)
+    })
+}
+
+/// The KabStack said Ready=True: when.
+fn stack_ready_at(obs: &Observer, ns: &str, t0: Instant) -> Option<Duration> {
+    obs.with(|s| s.ready.get(&key("KabStack", ns, STACK)).map(|t| since(t0, *t)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The benchmark
+// ---------------------------------------------------------------------------------------------
+
+struct P1 {
+    kab_applied: Vec<f64>,
+    kab_ready: Vec<f64>,
+    floor_applied: Vec<f64>,
+    floor_ready: Vec<f64>,
+}
+
+pub async fn run() -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let p1_n = common::env_usize("KAB_BENCH_P1", 30);
+    let p2_n = common::env_usize("KAB_BENCH_P2", 500);
+    let idle = common::env_secs("KAB_BENCH_IDLE_SECS", 60);
+    let p2_timeout = common::env_secs("KAB_BENCH_P2_TIMEOUT", 900);
+    let concurrency_env = std::env::var("KAB_BENCH_OPERATOR_CONCURRENCY").ok();
+    let concurrency = common::env_usize("KAB_BENCH_OPERATOR_CONCURRENCY", DEFAULT_CONCURRENCY);
+    let kab_first = std::env::var("KAB_BENCH_P2_ORDER").is_ok_and(|v| v == "kab-first");
+    let mut report = Report::new("operator", "kab operator (issue 10): P1 single stack, P2 scale", "floor");
+
+    let plane = common::start_plane("operator", true).await?;
+    let client = plane.client();
+    let mut extra = vec!["--admission-probe=false".to_string()];
+    if let Some(c) = &concurrency_env {
+        extra.push(format!("--concurrency={c}"));
+    }
+    let extra_ref: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut operator = common::start_operator(&plane, &extra_ref).await?;
+    report.note(format!(
+        "plane: local etcd + kube-apiserver + KCM + scheduler + KWOK; fast_kcm: KCM and scheduler \
+         --kube-api-qps=400 --kube-api-burst=800, 20 Deployment/ReplicaSet workers; pods are KWOK's \
+         (Ready at once, no process)"
+    ));
+    report.note(format!(
+        "operator: built `kab operator --leader-elect --log-format json {}` (default settings otherwise; \
+         concurrency {concurrency}) under the shipped RBAC; --admission-probe=false because on KWOK no \
+         webhook really runs, so the dry-run probe could never pass (Ready = workloads available + \
+         registration, as the operator computes it without the probe)",
+        extra.join(" ")
+    ));
+    report.note(format!(
+        "floor: the same children (kab::render of the same stack, the 2 certificate Secrets with a PKI \
+         issued beforehand, not timed), POSTed by a plain kube-rs client (admin), {CHILD_PARALLELISM} \
+         children at a time per stack (as the operator applies them) and {concurrency} stacks at a time \
+         in P2 (the operator's --concurrency); the webhook registration is created when a watch sees the \
+         webhook Deployment available (as the operator does); same readiness conditions (CRD Established, \
+         Deployments available and updated, StatefulSet ready, every other child exists); kab ownership \
+         labels renamed so the operator never caches the floor's objects; floor and operator stacks each \
+         share their own entity CRD"
+    ));
+    report.note(
+        "times are taken by the bench's own watches (metadata-only for plain kinds) when the event \
+         arrives; t0 = just before the KabStack POST (kab) or the first child POST (floor)"
+            .to_string(),
+    );
+
+    let obs = Observer::start(client.clone(), plain_resources()?, "todo-webhook").await?;
+    let registrar = Registrar::start(client.clone(), &obs);
+    let stacks: Api<KabStack> = Api::all(client.clone());
+    let _ = stacks;
+
+    // ---------------------------------------------------------------- P1
+    eprintln!("bench operator: P1, {p1_n} stacks one after another (+1 warm-up), kab and floor alternating");
+    let p1_ns: Vec<(String, String)> = (0..=p1_n)
+        .map(|i| (format!("kb-p1-kab-{i}"), format!("kb-p1-floor-{i}")))
+        .collect();
+    let all: Vec<String> = p1_ns.iter().flat_map(|(a, b)| [a.clone(), b.clone()]).collect();
+    common::create_namespaces(&client, &all, &BTreeMap::new(), 16).await?;
+    wait_default_service_accounts(&obs, &all).await?;
+    let cpu_p1_start = common::cpu_seconds(operator.pid()).unwrap_or(0.0);
+    let mut p1 = P1 {
+        kab_applied: vec![],
+        kab_ready: vec![],
+        floor_applied: vec![],
+        floor_ready: vec![],
+    };
+    let gap = Duration::from_millis(common::env_usize("KAB_BENCH_P1_GAP_MS", 500) as u64);
+    let mut per_stack = Vec::new();
+    for (i, (kns, fns)) in p1_ns.iter().enumerate() {
+        // Alternate which goes first, so that drift of the plane hits both alike.
+        let kab_first_here = i % 2 == 0;
+        let mut k = None;
+        let mut f = None;
+        for turn in 0..2 {
+            if (turn == 0) == kab_first_here {
+                k = Some(p1_kab(&client, &obs, kns).await?);
+            } else {
+                f = Some(p1_floor(&client, &obs, &registrar, fns).await?);
+            }
+            tokio::time::sleep(gap).await;
+        }
+        let (ka, kr) = k.unwrap_or_default();
+        let (fa, fr) = f.unwrap_or_default();
+        if i == 0 {
+            eprintln!(
+                "bench operator: P1 warm-up (creates the shared CRDs): kab applied {:.0} ms ready {:.0} ms; floor applied {:.0} ms ready {:.0} ms",
+                ms(ka), ms(kr), ms(fa), ms(fr)
+            );
+            continue;
+        }
+        eprintln!(
+            "bench operator: P1 {i}/{p1_n}: kab applied {:.0} ms ready {:.0} ms | floor applied {:.0} ms ready {:.0} ms",
+            ms(ka), ms(kr), ms(fa), ms(fr)
+        );
+        p1.kab_applied.push(ms(ka));
+        p1.kab_ready.push(ms(kr));
+        p1.floor_applied.push(ms(fa));
+        p1.floor_ready.push(ms(fr));
+        per_stack.push(json!({"kab_applied_ms": ms(ka), "kab_ready_ms": ms(kr), "floor_applied_ms": ms(fa), "floor_ready_ms": ms(fr)}));
+    }
+    let cpu_p1 = common::cpu_seconds(operator.pid()).unwrap_or(0.0) - cpu_p1_start;
+    report.detail(
+        "p1",
+        json!({
+            "stacks": p1_n,
+            "kab_applied_ms": common::summary(&p1.kab_applied),
+            "kab_ready_ms": common::summary(&p1.kab_ready),
+            "floor_applied_ms": common::summary(&p1.floor_applied),
+            "floor_ready_ms": common::summary(&p1.floor_ready),
+            "operator_cpu_seconds": cpu_p1,
+            "per_stack": per_stack,
+        }),
+    );
+    let (ka50, fa50) = (percentile(&p1.kab_applied, 50.0), percentile(&p1.floor_applied, 50.0));
+    let (ka99, fa99) = (percentile(&p1.kab_applied, 99.0), percentile(&p1.floor_applied, 99.0));
+    let (kr50, fr50) = (percentile(&p1.kab_ready, 50.0), percentile(&p1.floor_ready, 50.0));
+    let (kr99, fr99) = (percentile(&p1.kab_ready, 99.0), percentile(&p1.floor_ready, 99.0));
+    report.rows.push(
+        Row::new(&format!("P1 children applied p50 (n={p1_n})"), "ms", Some(ka50), Some(fa50))
+            .target("≤ 1.4× floor", ka50 <= 1.4 * fa50),
+    );
+    report.rows.push(
+        Row::new("P1 children applied p99", "ms", Some(ka99), Some(fa99)).target("≤ 150 ms", ka99 <= 150.0),
+    );
+    report.rows.push(
+        Row::new("P1 Ready p50", "ms", Some(kr50), Some(fr50))
+            .target("≤ floor + 100 ms", kr50 <= fr50 + 100.0),
+    );
+    report.rows.push(Row::new("P1 Ready p99", "ms", Some(kr99), Some(fr99)).info("(reported)"));
+
+    // ---------------------------------------------------------------- P2
+    eprintln!("bench operator: P2, {p2_n} stacks at once ({})", if kab_first { "kab first" } else { "floor first" });
+    let kab_ns: Vec<String> = (0..p2_n).map(|i| format!("kb-p2-kab-{i}")).collect();
+    let floor_ns: Vec<String> = (0..p2_n).map(|i| format!("kb-p2-floor-{i}")).collect();
+    let mut both = kab_ns.clone();
+    both.extend(floor_ns.iter().cloned());
+    common::create_namespaces(&client, &both, &BTreeMap::new(), 32).await?;
+    wait_default_service_accounts(&obs, &both).await?;
+    let floor_stacks: Vec<FloorStack> = floor_ns.iter().map(|ns| floor_stack(ns)).collect::<anyhow::Result<_>>()?;
+    let settle = common::env_secs("KAB_BENCH_SETTLE_SECS", 5);
+
+    let mut floor_result = None;
+    let mut kab_result = None;
+    let mut floor_stacks = Some(floor_stacks);
+    for phase in 0..2 {
+        tokio::time::sleep(settle).await;
+        if (phase == 0) != kab_first {
+            let fs = floor_stacks.take().unwrap_or_default();
+            floor_result = Some(p2_floor(&plane, &client, &obs, &registrar, fs, &floor_ns, concurrency, p2_timeout).await?);
+        } else {
+            kab_result = Some(p2_kab(&plane, &client, &obs, &mut operator, &kab_ns, p2_timeout).await?);
+        }
+    }
+    let floor = floor_result.ok_or_else(|| anyhow!("no floor result"))?;
+    let kab = kab_result.ok_or_else(|| anyhow!("no kab result"))?;
+    let reg_errors = registrar.errors();
+    if !reg_errors.is_empty() {
+        report.note(format!("floor registration errors: {reg_errors:?}"));
+    }
+
+    // ---------------------------------------------------------------- idle
+    eprintln!("bench operator: {}s of idle after all Ready", idle.as_secs());
+    let mut tail = AuditTail::at_end(plane.audit_log_path());
+    let idle_cpu0 = common::cpu_seconds(operator.pid()).unwrap_or(0.0);
+    tokio::time::sleep(idle).await;
+    let idle_cpu = common::cpu_seconds(operator.pid()).unwrap_or(0.0) - idle_cpu0;
+    let idle_events = tail.read()?;
+    let idle_writes: Vec<String> = idle_events
+        .iter()
+        .filter(|e| e.user.username == OPERATOR_USER && e.is_write() && !e.is_leader_lease())
+        .map(|e| {
+            let r = e.object_ref.clone().unwrap_or_default();
+            format!("{} {} {}/{}", e.verb, e.resource(), r.namespace, r.name)
+        })
+        .collect();
+    let idle_lease = idle_events
+        .iter()
+        .filter(|e| e.user.username == OPERATOR_USER && e.is_write() && e.is_leader_lease())
+        .count();
+    let idle_reads = idle_events
+        .iter()
+        .filter(|e| e.user.username == OPERATOR_USER && !e.is_write())
+        .count();
+    let alive = operator.alive();
+
+    // ---------------------------------------------------------------- rows
+    let n = p2_n as f64;
+    let kab_all = kab.all_ready.map(|d| d.as_secs_f64());
+    let floor_all = floor.all_ready.map(|d| d.as_secs_f64());
+    let all_pass = match (kab_all, floor_all) {
+        (Some(k), Some(f)) => k <= 1.2 * f && k <= 60.0,
+        _ => false,
+    };
+    report.rows.push(
+        Row::new(&format!("P2 all {p2_n} Ready"), "s", kab_all, floor_all).target("≤ 1.2× floor, ≤ 60 s", all_pass),
+    );
+    report.rows.push(
+        Row::new("P2 all children applied", "s", kab.all_applied.map(|d| d.as_secs_f64()), floor.all_applied.map(|d| d.as_secs_f64()))
+            .info("(reported)"),
+    );
+    report.rows.push(
+        Row::new("P2 per-stack Ready p50", "s", Some(percentile(&kab.ready, 50.0)), Some(percentile(&floor.ready, 50.0)))
+            .info("(reported)"),
+    );
+    report.rows.push(
+        Row::new("P2 operator peak RSS (sampled 100 ms)", "MiB", Some(kab.peak_rss_mib), None)
+            .target("≤ 64 MiB", kab.peak_rss_mib <= 64.0),
+    );
+    report.rows.push(
+        Row::new("operator VmHWM (whole life)", "MiB", kab.hwm_mib, None).info("(kernel peak, cross-check)"),
+    );
+    report.rows.push(
+        Row::new("P2 operator CPU (utime+stime)", "cpu-s", Some(kab.cpu_seconds), None).info(&format!(
+            "(reported; {:.1} ms/stack)",
+            kab.cpu_seconds * 1000.0 / n
+        )),
+    );
+    report.rows.push(
+        Row::new("P2 API requests per stack", "count", Some(kab.requests as f64 / n), Some(floor.writes as f64 / n))
+            .info("(reported; floor: its POSTs)"),
+    );
+    report.rows.push(
+        Row::new("P2 API writes per stack", "count", Some(kab.writes as f64 / n), Some(floor.writes as f64 / n))
+            .info("(reported)"),
+    );
+    let lists = kab.verbs.get("list").copied().unwrap_or(0);
+    let list_limit = (kab.reconciles / 10.0).max(20.0);
+    report.rows.push(
+        Row::new("P2 operator LISTs during the run", "count", Some(lists as f64), None).target(
+            &format!("no LIST per reconcile ({:.0} reconciles)", kab.reconciles),
+            (lists as f64) < list_limit,
+        ),
+    );
+    report.rows.push(
+        Row::new(&format!("writes in {}s idle (excl. leader Lease)", idle.as_secs()), "count", Some(idle_writes.len() as f64), None)
+            .target("0", idle_writes.is_empty()),
+    );
+    report.note(format!(
+        "P2 operator requests by verb (audit log; the bench's audit policy logs every request of the \
+         operator's user, reads included): {}",
+        kab.verbs.iter().map(|(v, c)| format!("{v} {c}")).collect::<Vec<_>>().join(", ")
+    ));
+    report.note(format!(
+        "P2: {:.0} reconciles for {p2_n} stacks ({:.1} per stack); floor: {} POSTs",
+        kab.reconciles,
+        kab.reconciles / n,
+        floor.writes
+    ));
+    report.note(format!(
+        "idle: {idle_lease} leader-election Lease writes excluded (kab-system), {idle_reads} reads, operator CPU {idle_cpu:.2} s; other writes: {idle_writes:?}"
+    ));
+    report.note(format!(
+        "P2 order: {}; the second phase runs on a plane that holds the first one's objects",
+        if kab_first { "kab first, then floor" } else { "floor first, then kab (conservative for kab)" }
+    ));
+    if !alive {
+        report.note("the operator process EXITED during the run".to_string());
+    }
+    report.detail(
+        "p2",
+        json!({
+            "stacks": p2_n,
+            "kab": {
+                "all_ready_s": kab_all,
+                "all_applied_s": kab.all_applied.map(|d| d.as_secs_f64()),
+                "ready_s": common::summary(&kab.ready),
+                "not_ready": kab.not_ready,
+                "peak_rss_mib": kab.peak_rss_mib,
+                "vm_hwm_mib": kab.hwm_mib,
+                "cpu_seconds": kab.cpu_seconds,
+                "requests": kab.requests,
+                "writes": kab.writes,
+                "by_verb": kab.verbs,
+                "by_verb_resource": kab.detail,
+                "reconciles": kab.reconciles,
+                "create_all_stacks_s": kab.create_took.as_secs_f64(),
+            },
+            "floor": {
+                "all_ready_s": floor_all,
+                "all_applied_s": floor.all_applied.map(|d| d.as_secs_f64()),
+                "ready_s": common::summary(&floor.ready),
+                "not_ready": floor.not_ready,
+                "writes": floor.writes,
+                "bench_cpu_seconds": floor.bench_cpu,
+            },
+            "idle": {"seconds": idle.as_secs(), "writes": idle_writes, "leader_lease_writes": idle_lease, "reads": idle_reads, "operator_cpu_seconds": idle_cpu},
+        }),
+    );
+    obs.stop();
+    drop(registrar);
+    report.finish(started)?;
+    drop(operator);
+    drop(plane);
+    Ok(report)
+}
+
+async fn wait_default_service_accounts(obs: &Observer, namespaces: &[String]) -> anyhow::Result<()> {
+    common::wait_until(
+        "the default ServiceAccount of every benchmark namespace",
+        Duration::from_secs(300),
+        Duration::from_millis(100),
+        || {
+            obs.with(|s| {
+                namespaces
+                    .iter()
+                    .all(|ns| s.exists.contains_key(&key("ServiceAccount", ns, "default")))
+            })
+        },
+    )
+    .await
+}
+
+/// One KabStack: `(children applied, Ready)`.
+async fn p1_kab(client: &kube::Client, obs: &Observer, ns: &str) -> anyhow::Result<(Duration, Duration)> {
+    let exp = expected(ns, KAB_GROUP)?;
+    let api: Api<KabStack> = Api::namespaced(client.clone(), ns);
+    let s = stack(ns, KAB_GROUP)?;
+    let t0 = Instant::now();
+    api.create(&PostParams::default(), &s)
+        .await
+        .with_context(|| format!("creating KabStack {ns}/{STACK}"))?;
+    common::wait_until(
+        &format!("KabStack {ns}/{STACK} Ready with every child"),
+        Duration::from_secs(180),
+        Duration::from_millis(5),
+        || stack_ready_at(obs, ns, t0).is_some() && applied_at(obs, &exp, t0).is_some(),
+    )
+    .await?;
+    Ok((
+        applied_at(obs, &exp, t0).unwrap_or_default(),
+        stack_ready_at(obs, ns, t0).unwrap_or_default(),
+    ))
+}
+
+/// One floor stack: `(children applied, every child ready)`.
+async fn p1_floor(
+    client: &kube::Client,
+    obs: &Observer,
+    registrar: &Registrar,
+    ns: &str,
+) -> anyhow::Result<(Duration, Duration)> {
+    let exp = expected(ns, FLOOR_GROUP)?;
+    let fs = floor_stack(ns)?;
+    registrar.expect(fs.registration.clone());
+    let t0 = Instant::now();
+    run_floor_stack(client.clone(), fs.objects).await?;
+    common::wait_until(
+        &format!("floor stack {ns} ready"),
+        Duration::from_secs(180),
+        Duration::from_millis(5),
+        || all_ready_at(obs, &exp, t0).is_some(),
+    )
+    .await?;
+    Ok((
+        applied_at(obs, &exp, t0).unwrap_or_default(),
+        all_ready_at(obs, &exp, t0).unwrap_or_default(),
+    ))
+}
+
+struct FloorP2 {
+    all_ready: Option<Duration>,
+    all_applied: Option<Duration>,
+    ready: Vec<f64>,
+    not_ready: usize,
+    writes: usize,
+    bench_cpu: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn p2_floor(
+    plane: &kab::plane::Plane,
+    client: &kube::Client,
+    obs: &Observer,
+    registrar: &Registrar,
+    stacks: Vec<FloorStack>,
+    namespaces: &[String],
+    concurrency: usize,
+    timeout: Duration,
+) -> anyhow::Result<FloorP2> {
+    let _ = plane;
+    let exps: Vec<Vec<(Key, bool)>> = namespaces.iter().map(|ns| expected(ns, FLOOR_GROUP)).collect::<anyhow::Result<_>>()?;
+    let writes: usize = stacks.iter().map(|s| s.objects.len() + 1).sum();
+    let mut work = Vec::new();
+    for s in stacks {
+        registrar.expect(s.registration.clone());
+        work.push((s.ns, s.objects));
+    }
+    let cpu0 = common::cpu_seconds(std::process::id()).unwrap_or(0.0);
+    eprintln!("bench operator: P2 floor: {} stacks, {writes} POSTs", work.len());
+    let t0 = Instant::now();
+    let c = client.clone();
+    let creating = tokio::spawn(async move {
+        futures::stream::iter(work)
+            .map(|(_, objects)| run_floor_stack(c.clone(), objects))
+            .buffer_unordered(concurrency.max(1))
+            .try_collect::<Vec<()>>()
+            .await
+    });
+    let waited = common::wait_until(
+        "every floor stack ready",
+        timeout,
+        Duration::from_millis(250),
+        || exps.iter().all(|e| all_ready_at(obs, e, t0).is_some()),
+    )
+    .await;
+    creating.await??;
+    let bench_cpu = common::cpu_seconds(std::process::id()).unwrap_or(0.0) - cpu0;
+    let ready: Vec<f64> = exps.iter().filter_map(|e| all_ready_at(obs, e, t0)).map(|d| d.as_secs_f64()).collect();
+    let applied: Vec<Duration> = exps.iter().filter_map(|e| applied_at(obs, e, t0)).collect();
+    let not_ready = exps.len() - ready.len();
+    if let Err(e) = &waited {
+        eprintln!("bench operator: P2 floor: {e:#} ({not_ready} not ready)");
+    }
+    let all_ready = waited.is_ok().then(|| Duration::from_secs_f64(ready.iter().copied().fold(0.0, f64::max)));
+    let all_applied = (applied.len() == exps.len()).then(|| applied.iter().copied().max().unwrap_or_default());
+    eprintln!(
+        "bench operator: P2 floor: all ready in {:?}, all applied in {:?}",
+        all_ready, all_applied
+    );
+    Ok(FloorP2 {
+        all_ready,
+        all_applied,
+        ready,
+        not_ready,
+        writes,
+        bench_cpu,
+    })
+}
+
+struct KabP2 {
+    all_ready: Option<Duration>,
+    all_applied: Option<Duration>,
+    ready: Vec<f64>,
+    not_ready: usize,
+    peak_rss_mib: f64,
+    hwm_mib: Option<f64>,
+    cpu_seconds: f64,
+    requests: usize,
+    writes: usize,
+    verbs: BTreeMap<String, u64>,
+    detail: BTreeMap<String, u64>,
+    reconciles: f64,
+    create_took: Duration,
+}
+
+async fn p2_kab(
+    plane: &kab::plane::Plane,
+    client: &kube::Client,
+    obs: &Observer,
+    operator: &mut common::Operator,
+    namespaces: &[String],
+    timeout: Duration,
+) -> anyhow::Result<KabP2> {
+    let exps: Vec<Vec<(Key, bool)>> = namespaces.iter().map(|ns| expected(ns, KAB_GROUP)).collect::<anyhow::Result<_>>()?;
+    let bodies: Vec<(String, KabStack)> = namespaces
+        .iter()
+        .map(|ns| Ok((ns.clone(), stack(ns, KAB_GROUP)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let pid = operator.pid();
+    let reconciles0 = operator.metric("kab_operator_reconciliations_total").await.unwrap_or(0.0);
+    let mut tail = AuditTail::at_end(plane.audit_log_path());
+    let rss = common::RssSampler::start(pid);
+    let cpu0 = common::cpu_seconds(pid).unwrap_or(0.0);
+    eprintln!("bench operator: P2 kab: creating {} KabStacks", bodies.len());
+    let t0 = Instant::now();
+    let c = client.clone();
+    let created: Vec<anyhow::Result<()>> = futures::stream::iter(bodies)
+        .map(|(ns, s)| {
+            let api: Api<KabStack> = Api::namespaced(c.clone(), &ns);
+            async move {
+                api.create(&PostParams::default(), &s)
+                    .await
+                    .map(|_| ())
+                    .with_context(|| format!("creating KabStack {ns}/{STACK}"))
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let create_took = t0.elapsed();
+    created.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    eprintln!("bench operator: P2 kab: {} KabStacks created in {create_took:?}", namespaces.len());
+    let waited = common::wait_until(
+        "every KabStack Ready",
+        timeout,
+        Duration::from_millis(250),
+        || namespaces.iter().all(|ns| stack_ready_at(obs, ns, t0).is_some()),
+    )
+    .await;
+    let cpu_seconds = common::cpu_seconds(pid).unwrap_or(0.0) - cpu0;
+    let peak_rss_mib = rss.stop();
+    let hwm_mib = common::hwm_kib(pid).map(|k| k as f64 / 1024.0);
+    let reconciles = operator.metric("kab_operator_reconciliations_total").await.unwrap_or(0.0) - reconciles0;
+    let events = tail.read()?;
+    let ops: Vec<&common::AuditLine> = events.iter().filter(|e| e.user.username == OPERATOR_USER).collect();
+    let (verbs, detail) = common::by_verb(&ops);
+    let writes = ops.iter().filter(|e| e.is_write()).count();
+    let ready: Vec<f64> = namespaces.iter().filter_map(|ns| stack_ready_at(obs, ns, t0)).map(|d| d.as_secs_f64()).collect();
+    let applied: Vec<Duration> = exps.iter().filter_map(|e| applied_at(obs, e, t0)).collect();
+    let not_ready = namespaces.len() - ready.len();
+    if let Err(e) = &waited {
+        eprintln!("bench operator: P2 kab: {e:#} ({not_ready} not ready)");
+    }
+    let all_ready = waited.is_ok().then(|| Duration::from_secs_f64(ready.iter().copied().fold(0.0, f64::max)));
+    let all_applied = (applied.len() == exps.len()).then(|| applied.iter().copied().max().unwrap_or_default());
+    eprintln!(
+        "bench operator: P2 kab: all Ready in {all_ready:?}, all applied in {all_applied:?}, peak RSS {peak_rss_mib:.1} MiB, CPU {cpu_seconds:.1} s, {} requests",
+        ops.len()
+    );
+    Ok(KabP2 {
+        all_ready,
+        all_applied,
+        ready,
+        not_ready,
+        peak_rss_mib,
+        hwm_mib,
+        cpu_seconds,
+        requests: ops.len(),
+        writes,
+        verbs,
+        detail,
+        reconciles,
+        create_took,
+    })
+}
