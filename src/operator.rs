@@ -31,7 +31,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
@@ -1491,7 +1491,6 @@ pub async fn ensure_crd(client: &Client) -> anyhow::Result<()> {
         kube::runtime::wait::conditions::is_crd_established(),
     )
     .await?;
-    let _ = PostParams::default();
     Ok(())
 }
 
@@ -1502,13 +1501,6 @@ pub fn ready(status: Option<&KabStackStatus>) -> bool {
         .is_some_and(|c| c.status == "True")
 }
 
-#[allow(dead_code)]
-fn labels_map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 #[cfg(test)]
 mod tests {

@@ -16,7 +16,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kab::api::KabStack;
 use kab::plane::{Plane, Process};
 use kube::ResourceExt as _;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 
 use crate::support::{Ctx, Test, e2e_tests, wait_deleted, wait_for};
@@ -1058,5 +1058,3 @@ async fn an_idle_operator_makes_no_writes(ctx: Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(dead_code)]
-fn unused(_: PostParams) {}
