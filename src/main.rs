@@ -305,7 +305,8 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         None
     };
     let config = OperatorConfig {
-        namespace: args.namespace,
+        // OLM sets olm.targetNamespaces to "" in AllNamespaces mode: empty means all.
+        namespace: args.namespace.filter(|n| !n.trim().is_empty()),
         templates_dir: args.templates,
         settings,
         concurrency: args.concurrency,

@@ -274,11 +274,6 @@ pub fn cluster_service_version(release: &Release) -> anyhow::Result<Value> {
                 "repository": REPOSITORY,
                 "support": "kab maintainers",
             },
-            "labels": {
-                "operatorframework.io/arch.amd64": "supported",
-                "operatorframework.io/arch.arm64": "supported",
-                "operatorframework.io/os.linux": "supported",
-            },
         },
         "spec": {
             "displayName": "kab",

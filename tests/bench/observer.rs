@@ -12,7 +12,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kab::api::KabStack;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::{WatchStreamExt as _, metadata_watcher};
+use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt as _;
 use kube::{Client, ResourceExt as _};
 use tokio::sync::mpsc;
 
@@ -70,10 +71,10 @@ impl Observer {
         let mut tasks = Vec::new();
         for ar in plain {
             let o = obs.clone();
-            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+            let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(client.clone(), &ar);
             let kind = ar.kind.clone();
             tasks.push(tokio::spawn(async move {
-                let stream = metadata_watcher(api, watcher::Config::default()).default_backoff();
+                let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
                 futures::pin_mut!(stream);
                 while let Some(ev) = stream.next().await {
                     match ev {
@@ -93,7 +94,7 @@ impl Observer {
             let o = obs.clone();
             let api: Api<Deployment> = Api::all(client.clone());
             tasks.push(tokio::spawn(async move {
-                let stream = watcher(api, watcher::Config::default()).default_backoff();
+                let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
                 futures::pin_mut!(stream);
                 while let Some(ev) = stream.next().await {
                     match ev {
@@ -117,7 +118,7 @@ impl Observer {
             let o = obs.clone();
             let api: Api<StatefulSet> = Api::all(client.clone());
             tasks.push(tokio::spawn(async move {
-                let stream = watcher(api, watcher::Config::default()).default_backoff();
+                let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
                 futures::pin_mut!(stream);
                 while let Some(ev) = stream.next().await {
                     match ev {
@@ -137,7 +138,7 @@ impl Observer {
             let o = obs.clone();
             let api: Api<CustomResourceDefinition> = Api::all(client.clone());
             tasks.push(tokio::spawn(async move {
-                let stream = watcher(api, watcher::Config::default()).default_backoff();
+                let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
                 futures::pin_mut!(stream);
                 while let Some(ev) = stream.next().await {
                     match ev {
@@ -161,7 +162,7 @@ impl Observer {
             let o = obs.clone();
             let api: Api<KabStack> = Api::all(client.clone());
             tasks.push(tokio::spawn(async move {
-                let stream = watcher(api, watcher::Config::default()).default_backoff();
+                let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
                 futures::pin_mut!(stream);
                 while let Some(ev) = stream.next().await {
                     match ev {

@@ -10,7 +10,6 @@
 //! (default 16).
 
 use std::collections::{BTreeMap, HashMap};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

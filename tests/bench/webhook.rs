@@ -28,7 +28,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::jiff::Timestamp;
 use kab::api::KabStack;
 use kab::certs::{Ca, Serving};
-use kab::plane::{Plane, Process};
+use kab::plane::Process;
 use kab::render::{self, Facts, Settings, Step, Templates};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use rustls::pki_types::CertificateDer;
