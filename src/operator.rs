@@ -1501,7 +1501,6 @@ pub fn ready(status: Option<&KabStackStatus>) -> bool {
         .is_some_and(|c| c.status == "True")
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
