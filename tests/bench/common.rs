@@ -150,6 +150,7 @@ fn fmt_value(v: Option<f64>, unit: &str) -> String {
     };
     match unit {
         "ms" => format!("{v:.1} ms"),
+        "µs" => format!("{v:.0} µs"),
         "s" => format!("{v:.2} s"),
         "MiB" => format!("{v:.1} MiB"),
         "/s" => format!("{v:.0}/s"),
@@ -201,7 +202,9 @@ impl Report {
                 r.figure.clone(),
                 fmt_value(r.kab, &r.unit),
                 fmt_value(r.baseline, &r.unit),
-                r.ratio.map(|x| format!("{x:.2}×")).unwrap_or_else(|| "—".into()),
+                r.ratio
+                    .map(|x| format!("{x:.2}×"))
+                    .unwrap_or_else(|| "—".into()),
                 r.target.clone(),
                 match r.pass {
                     Some(true) => "pass".into(),
@@ -211,7 +214,13 @@ impl Report {
             ]);
         }
         let widths: Vec<usize> = (0..6)
-            .map(|i| lines.iter().map(|l| l[i].chars().count()).max().unwrap_or(0))
+            .map(|i| {
+                lines
+                    .iter()
+                    .map(|l| l[i].chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
             .collect();
         let mut out = format!("== {} ==\n", self.title);
         for (n, l) in lines.iter().enumerate() {
@@ -259,9 +268,10 @@ pub fn bench_dir() -> PathBuf {
 // The plane
 // ---------------------------------------------------------------------------------------------
 
-/// The audit policy of the benchmarks: every request of the operator (reads too), and the writes
-/// of everyone else (as the plane's own policy).
-pub const BENCH_AUDIT_POLICY: &str = "\
+/// Audit policy of the operator benchmark: every request of the operator (reads too) and the
+/// writes of the bench's own client ([`BENCH_USER`]); nothing else (KCM, scheduler and KWOK writes are not
+/// logged, which keeps the API server's audit work small and equal for kab and the floor).
+pub const AUDIT_OPERATOR: &str = "\
 apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages:
@@ -270,24 +280,56 @@ rules:
 - level: Metadata
   users: [\"system:serviceaccount:kab-system:kab-operator\"]
 - level: Metadata
+  users: [\"kab-bench\"]
   verbs: [create, update, patch, delete, deletecollection]
 - level: None
 ";
 
-/// Starts a plane for benchmark `name`. `fast_kcm` lifts KCM's and the scheduler's client limits;
-/// the audit policy also logs the operator's reads.
-pub async fn start_plane(name: &str, fast_kcm: bool) -> anyhow::Result<Plane> {
+/// The user the benchmarks' own client authenticates as (`system:masters`): KCM, the scheduler
+/// and KWOK use the plane's admin identity, so the bench's writes are told apart from theirs.
+pub const BENCH_USER: &str = "kab-bench";
+
+/// A client of [`BENCH_USER`] on the current runtime.
+pub async fn bench_client(plane: &Plane) -> anyhow::Result<kube::Client> {
+    let path = plane.write_kubeconfig(BENCH_USER, &["system:masters"])?;
+    let kc = kube::config::Kubeconfig::read_from(&path)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Audit policy of the other benchmarks: every write, by anyone (as the plane's own policy).
+pub const AUDIT_WRITES: &str = "\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages:
+- RequestReceived
+rules:
+- level: Metadata
+  verbs: [create, update, patch, delete, deletecollection]
+- level: None
+";
+
+/// Starts a plane for benchmark `name` with audit `policy` (never rotated, so that the bench
+/// reads every event). `fast_kcm` lifts KCM's and the scheduler's client limits.
+pub async fn start_plane(name: &str, fast_kcm: bool, policy: &str) -> anyhow::Result<Plane> {
     let dir = bench_dir();
     std::fs::create_dir_all(&dir)?;
-    let policy = dir.join(format!("audit-policy-{name}.yaml"));
-    std::fs::write(&policy, BENCH_AUDIT_POLICY)?;
+    let path = dir.join(format!("audit-policy-{name}.yaml"));
+    std::fs::write(&path, policy)?;
     let opts = PlaneOptions {
         fast_kcm,
-        apiserver_args: vec![format!("--audit-policy-file={}", policy.display())],
+        apiserver_args: vec![
+            format!("--audit-policy-file={}", path.display()),
+            "--audit-log-maxsize=0".into(),
+        ],
         startup_timeout: Duration::from_secs(300),
         ..PlaneOptions::default()
     };
-    Plane::start(opts).await.context("starting the control plane")
+    Plane::start(opts)
+        .await
+        .context("starting the control plane")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -333,11 +375,20 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
 pub async fn start_operator(plane: &Plane, extra: &[&str]) -> anyhow::Result<Operator> {
     let manifests = kab::install::manifests(kab::install::NAMESPACE, "example.invalid/kab:bench")?;
     let docs: Vec<Value> = serde_saphyr::from_multiple(&manifests)?;
-    let kept: Vec<Value> = docs.into_iter().filter(|d| d["kind"] != "Deployment").collect();
+    let kept: Vec<Value> = docs
+        .into_iter()
+        .filter(|d| d["kind"] != "Deployment")
+        .collect();
     let yaml = serde_saphyr::to_string_multiple(&kept)?;
     kubectl_stdin(
         plane,
-        &["apply", "--server-side", "--field-manager=kab-install", "-f", "-"],
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=kab-install",
+            "-f",
+            "-",
+        ],
         &yaml,
     )?;
     let crds: Api<CustomResourceDefinition> = Api::all(plane.client());
@@ -368,7 +419,10 @@ pub async fn start_operator(plane: &Plane, extra: &[&str]) -> anyhow::Result<Ope
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
         .args(extra)
         .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", std::env::var("KAB_BENCH_OPERATOR_LOG").unwrap_or_else(|_| "info".into()));
+        .env(
+            "RUST_LOG",
+            std::env::var("KAB_BENCH_OPERATOR_LOG").unwrap_or_else(|_| "info".into()),
+        );
     let mut process = plane.spawn("operator", cmd)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -434,6 +488,34 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / tick)
 }
 
+/// CPU seconds of every running plane component, plus `extra` processes, by name.
+pub fn cpu_by_process(plane: &Plane, extra: &[(&str, u32)]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (name, pid) in plane.pids() {
+        *out.entry(name).or_insert(0.0) += cpu_seconds(pid).unwrap_or(0.0);
+    }
+    for (name, pid) in extra {
+        *out.entry(name.to_string()).or_insert(0.0) += cpu_seconds(*pid).unwrap_or(0.0);
+    }
+    out
+}
+
+/// `b - a`, by name.
+pub fn cpu_delta(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    b.iter()
+        .map(|(k, v)| (k.clone(), v - a.get(k).copied().unwrap_or(0.0)))
+        .collect()
+}
+
+/// `name 1.23 s, …` (nonzero only).
+pub fn fmt_cpu(cpu: &BTreeMap<String, f64>) -> String {
+    cpu.iter()
+        .filter(|(_, v)| **v >= 0.01)
+        .map(|(k, v)| format!("{k} {v:.2} s"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The kernel's peak resident set size of a process (`VmHWM`), KiB.
 pub fn hwm_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -495,6 +577,8 @@ pub struct AuditLine {
     pub user: AuditUser,
     pub object_ref: Option<AuditRef>,
     pub response_status: Option<AuditCode>,
+    pub request_received_timestamp: String,
+    pub stage_timestamp: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -535,12 +619,28 @@ impl AuditLine {
         )
     }
 
+    /// When the API server received the request, µs since the epoch.
+    pub fn received_us(&self) -> i64 {
+        parse_us(&self.request_received_timestamp)
+    }
+
+    /// When it answered, µs since the epoch.
+    pub fn done_us(&self) -> i64 {
+        parse_us(&self.stage_timestamp)
+    }
+
     /// The operator's leader-election Lease.
     pub fn is_leader_lease(&self) -> bool {
-        self.object_ref.as_ref().is_some_and(|r| {
-            r.resource == "leases" && r.namespace == kab::install::NAMESPACE
-        })
+        self.object_ref
+            .as_ref()
+            .is_some_and(|r| r.resource == "leases" && r.namespace == kab::install::NAMESPACE)
     }
+}
+
+fn parse_us(s: &str) -> i64 {
+    s.parse::<k8s_openapi::jiff::Timestamp>()
+        .map(|t| t.as_microsecond())
+        .unwrap_or(0)
 }
 
 /// Reads the audit log from a position on: each request once (by audit id).
@@ -609,8 +709,10 @@ pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
         .await
         .context("connect timeout")??;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
         .await
@@ -621,7 +723,10 @@ pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 

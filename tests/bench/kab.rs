@@ -16,12 +16,19 @@ const USAGE: &str = "usage: cargo bench --bench kab -- <operator|webhook|pipelin
 
 fn main() -> ExitCode {
     // cargo passes `--bench`; flags are ignored, the first word names the benchmark.
-    let words: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let words: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     // The baseline server of the webhook benchmark runs as a child process of this binary.
     if words.first().map(String::as_str) == Some(fixed_allow::SUBCOMMAND) {
         return fixed_allow::main(&words[1..]);
     }
-    let which = words.first().map(String::as_str).unwrap_or("all").to_string();
+    let which = words
+        .first()
+        .map(String::as_str)
+        .unwrap_or("all")
+        .to_string();
     let names: Vec<&str> = match which.as_str() {
         "all" => vec!["operator", "webhook", "pipeline"],
         "operator" | "webhook" | "pipeline" => vec![which.as_str()],
@@ -30,7 +37,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tokio: {e}");
@@ -59,5 +69,9 @@ fn main() -> ExitCode {
         println!("\n{}", tables.join("\n"));
     }
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
-    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -11,9 +11,9 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kab::api::KabStack;
 use kube::api::{Api, ApiResource, DynamicObject};
-use kube::runtime::watcher::{self, Event};
 use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt as _};
 use tokio::sync::mpsc;
 
@@ -148,7 +148,8 @@ impl Observer {
                                 .as_ref()
                                 .and_then(|s| s.conditions.as_ref())
                                 .is_some_and(|cs| {
-                                    cs.iter().any(|c| c.type_ == "Established" && c.status == "True")
+                                    cs.iter()
+                                        .any(|c| c.type_ == "Established" && c.status == "True")
                                 });
                             o.seen("CustomResourceDefinition", "", &c.name_any(), established);
                         }
@@ -241,7 +242,12 @@ impl Observer {
 impl Observer {
     /// Stops the watches (their tasks hold the observer: dropping it is not enough).
     pub fn stop(&self) {
-        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             t.abort();
         }
     }

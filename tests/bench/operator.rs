@@ -35,6 +35,15 @@ const CHILD_PARALLELISM: usize = 8;
 /// The operator's default `--concurrency`.
 const DEFAULT_CONCURRENCY: usize = 16;
 
+/// What the operator renders with: its defaults, and `--admission-probe=false`, which renders no
+/// probe Role (the operator's ServiceAccount is not given one).
+fn settings() -> Settings {
+    Settings {
+        operator_service_account: None,
+        ..Settings::default()
+    }
+}
+
 /// `examples/todo.yaml` in `ns` with entity group `group`.
 fn stack_value(ns: &str, group: &str) -> anyhow::Result<Value> {
     let mut v: Value = serde_saphyr::from_str(include_str!("../../examples/todo.yaml"))?;
@@ -51,7 +60,7 @@ fn stack(ns: &str, group: &str) -> anyhow::Result<KabStack> {
 /// The two certificate Secrets the operator keeps are children too.
 fn expected(ns: &str, group: &str) -> anyhow::Result<Vec<(Key, bool)>> {
     let s = stack(ns, group)?;
-    let rendered = render::render(&Templates::embedded(), &s, &Settings::default(), &Facts::default())?;
+    let rendered = render::render(&Templates::embedded(), &s, &settings(), &Facts::default())?;
     let names = render::names(&s);
     let mut out: Vec<(Key, bool)> = rendered
         .children
@@ -70,7 +79,7 @@ fn expected(ns: &str, group: &str) -> anyhow::Result<Vec<(Key, bool)>> {
 /// full), from a rendered stack.
 fn plain_resources() -> anyhow::Result<Vec<ApiResource>> {
     let s = stack("kb-x", KAB_GROUP)?;
-    let rendered = render::render(&Templates::embedded(), &s, &Settings::default(), &Facts::default())?;
+    let rendered = render::render(&Templates::embedded(), &s, &settings(), &Facts::default())?;
     let mut out: BTreeMap<String, ApiResource> = BTreeMap::new();
     for c in &rendered.children {
         if matches!(
@@ -94,6 +103,8 @@ fn plain_resources() -> anyhow::Result<Vec<ApiResource>> {
 
 #[derive(Clone)]
 struct Obj {
+    /// Server-side apply (forced, manager `kab-bench-floor`) instead of a POST.
+    ssa: bool,
     ar: ApiResource,
     namespaced: bool,
     ns: String,
@@ -111,7 +122,10 @@ struct FloorStack {
 fn relabel(v: &Value) -> anyhow::Result<Value> {
     let text = serde_json::to_string(v)?
         .replace("\"kab.dev/stack\"", "\"floor.kab.dev/stack\"")
-        .replace("\"kab.dev/stack-namespace\"", "\"floor.kab.dev/stack-namespace\"")
+        .replace(
+            "\"kab.dev/stack-namespace\"",
+            "\"floor.kab.dev/stack-namespace\"",
+        )
         .replace(
             "\"app.kubernetes.io/managed-by\":\"kab\"",
             "\"app.kubernetes.io/managed-by\":\"kab-bench-floor\"",
@@ -121,7 +135,7 @@ fn relabel(v: &Value) -> anyhow::Result<Value> {
 
 /// Everything the floor creates for a stack in `ns`: the rendered children (the registration
 /// apart) and the two certificate Secrets, with a PKI issued beforehand (not timed).
-fn floor_stack(ns: &str) -> anyhow::Result<FloorStack> {
+fn floor_stack(ns: &str, ssa: bool) -> anyhow::Result<FloorStack> {
     let s = stack(ns, FLOOR_GROUP)?;
     let names = render::names(&s);
     let policy = CertPolicy::from_spec(&s.spec.webhook.certificate)?;
@@ -136,12 +150,14 @@ fn floor_stack(ns: &str) -> anyhow::Result<FloorStack> {
     let facts = Facts {
         ca_bundle_pem: Some(certs::ca_bundle(&pki)),
     };
-    let rendered = render::render(&Templates::embedded(), &s, &Settings::default(), &facts)?;
+    let rendered = render::render(&Templates::embedded(), &s, &settings(), &facts)?;
     let mut objects = Vec::new();
     let mut registration = None;
     for c in &rendered.children {
-        let body: DynamicObject = serde_json::from_value(relabel(&serde_json::to_value(&c.object)?)?)?;
+        let body: DynamicObject =
+            serde_json::from_value(relabel(&serde_json::to_value(&c.object)?)?)?;
         let o = Obj {
+            ssa,
             ar: c.resource.clone(),
             namespaced: c.namespaced,
             ns: ns.to_string(),
@@ -157,7 +173,11 @@ fn floor_stack(ns: &str) -> anyhow::Result<FloorStack> {
     labels.insert("app.kubernetes.io/component".into(), "webhook".into());
     for (name, type_, data) in [
         (&names.webhook_ca_secret, "Opaque", pki.ca_secret_data()),
-        (&names.webhook_tls_secret, "kubernetes.io/tls", pki.tls_secret_data()),
+        (
+            &names.webhook_tls_secret,
+            "kubernetes.io/tls",
+            pki.tls_secret_data(),
+        ),
     ] {
         let secret = json!({
             "apiVersion": "v1", "kind": "Secret",
@@ -165,6 +185,7 @@ fn floor_stack(ns: &str) -> anyhow::Result<FloorStack> {
             "type": type_, "data": data,
         });
         objects.push(Obj {
+            ssa,
             ar: ApiResource::erase::<k8s_openapi::api::core::v1::Secret>(&()),
             namespaced: true,
             ns: ns.to_string(),
@@ -187,17 +208,37 @@ async fn create(client: kube::Client, o: Obj) -> anyhow::Result<()> {
     };
     let mut attempt = 0;
     loop {
-        match api.create(&PostParams::default(), &o.body).await {
+        let name = o.body.metadata.name.clone().unwrap_or_default();
+        let result = if o.ssa {
+            api.patch(
+                &name,
+                &kube::api::PatchParams::apply("kab-bench-floor").force(),
+                &kube::api::Patch::Apply(&o.body),
+            )
+            .await
+        } else {
+            api.create(&PostParams::default(), &o.body).await
+        };
+        match result {
             Ok(_) => return Ok(()),
             Err(kube::Error::Api(e)) if e.code == 409 => return Ok(()),
             Err(e) if attempt < 5 => {
                 attempt += 1;
-                eprintln!("floor: retrying {} {}: {e}", o.ar.kind, o.body.metadata.name.as_deref().unwrap_or(""));
+                eprintln!(
+                    "floor: retrying {} {}: {e}",
+                    o.ar.kind,
+                    o.body.metadata.name.as_deref().unwrap_or("")
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => {
                 return Err(e).with_context(|| {
-                    format!("floor: creating {} {}/{}", o.ar.kind, o.ns, o.body.metadata.name.as_deref().unwrap_or(""))
+                    format!(
+                        "floor: creating {} {}/{}",
+                        o.ar.kind,
+                        o.ns,
+                        o.body.metadata.name.as_deref().unwrap_or("")
+                    )
                 });
             }
         }
@@ -232,19 +273,29 @@ impl Registrar {
             let (pending, errors) = (pending.clone(), errors.clone());
             tokio::spawn(async move {
                 while let Some(ns) = rx.recv().await {
-                    let reg = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&ns);
+                    let reg = pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&ns);
                     if let Some(reg) = reg {
                         let (client, errors) = (client.clone(), errors.clone());
                         tokio::spawn(async move {
                             if let Err(e) = create(client, reg).await {
-                                errors.lock().unwrap_or_else(|p| p.into_inner()).push(format!("{e:#}"));
+                                errors
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push(format!("{e:#}"));
                             }
                         });
                     }
                 }
             })
         };
-        Registrar { pending, errors, task }
+        Registrar {
+            pending,
+            errors,
+            task,
+        }
     }
 
     fn expect(&self, o: Obj) {
@@ -255,7 +306,10 @@ impl Registrar {
     }
 
     fn errors(&self) -> Vec<String> {
-        self.errors.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -300,7 +354,11 @@ fn all_ready_at(obs: &Observer, exp: &[(Key, bool)], t0: Instant) -> Option<Dura
 
 /// The KabStack said Ready=True: when.
 fn stack_ready_at(obs: &Observer, ns: &str, t0: Instant) -> Option<Duration> {
-    obs.with(|s| s.ready.get(&key("KabStack", ns, STACK)).map(|t| since(t0, *t)))
+    obs.with(|s| {
+        s.ready
+            .get(&key("KabStack", ns, STACK))
+            .map(|t| since(t0, *t))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -323,17 +381,23 @@ pub async fn run() -> anyhow::Result<Report> {
     let concurrency_env = std::env::var("KAB_BENCH_OPERATOR_CONCURRENCY").ok();
     let concurrency = common::env_usize("KAB_BENCH_OPERATOR_CONCURRENCY", DEFAULT_CONCURRENCY);
     let kab_first = std::env::var("KAB_BENCH_P2_ORDER").is_ok_and(|v| v == "kab-first");
-    let mut report = Report::new("operator", "kab operator (issue 10): P1 single stack, P2 scale", "floor");
+    let floor_ssa = std::env::var("KAB_BENCH_FLOOR_SSA").is_ok_and(|v| v == "1");
+    let mut report = Report::new(
+        "operator",
+        "kab operator (issue 10): P1 single stack, P2 scale",
+        "floor",
+    );
 
-    let plane = common::start_plane("operator", true).await?;
-    let client = plane.client();
+    let plane = common::start_plane("operator", true, common::AUDIT_OPERATOR).await?;
+    let client = common::bench_client(&plane).await?;
     let mut extra = vec!["--admission-probe=false".to_string()];
     if let Some(c) = &concurrency_env {
         extra.push(format!("--concurrency={c}"));
     }
     let extra_ref: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut whole_run = AuditTail::at_end(plane.audit_log_path());
     let mut operator = common::start_operator(&plane, &extra_ref).await?;
-    report.note(format!(
+    report.note(String::from(
         "plane: local etcd + kube-apiserver + KCM + scheduler + KWOK; fast_kcm: KCM and scheduler \
          --kube-api-qps=400 --kube-api-burst=800, 20 Deployment/ReplicaSet workers; pods are KWOK's \
          (Ready at once, no process)"
@@ -347,7 +411,7 @@ pub async fn run() -> anyhow::Result<Report> {
     ));
     report.note(format!(
         "floor: the same children (kab::render of the same stack, the 2 certificate Secrets with a PKI \
-         issued beforehand, not timed), POSTed by a plain kube-rs client (admin), {CHILD_PARALLELISM} \
+         issued beforehand, not timed), POSTed by a plain kube-rs client (user kab-bench, system:masters), {CHILD_PARALLELISM} \
          children at a time per stack (as the operator applies them) and {concurrency} stacks at a time \
          in P2 (the operator's --concurrency); the webhook registration is created when a watch sees the \
          webhook Deployment available (as the operator does); same readiness conditions (CRD Established, \
@@ -367,14 +431,35 @@ pub async fn run() -> anyhow::Result<Report> {
     let _ = stacks;
 
     // ---------------------------------------------------------------- P1
-    eprintln!("bench operator: P1, {p1_n} stacks one after another (+1 warm-up), kab and floor alternating");
+    eprintln!(
+        "bench operator: P1, {p1_n} stacks one after another (+1 warm-up), kab and floor alternating"
+    );
     let p1_ns: Vec<(String, String)> = (0..=p1_n)
         .map(|i| (format!("kb-p1-kab-{i}"), format!("kb-p1-floor-{i}")))
         .collect();
-    let all: Vec<String> = p1_ns.iter().flat_map(|(a, b)| [a.clone(), b.clone()]).collect();
+    let all: Vec<String> = p1_ns
+        .iter()
+        .flat_map(|(a, b)| [a.clone(), b.clone()])
+        .collect();
     common::create_namespaces(&client, &all, &BTreeMap::new(), 16).await?;
     wait_default_service_accounts(&obs, &all).await?;
     let cpu_p1_start = common::cpu_seconds(operator.pid()).unwrap_or(0.0);
+    let rec0 = (
+        operator
+            .metric("kab_operator_reconciliations_total")
+            .await
+            .unwrap_or(0.0),
+        operator
+            .metric("kab_operator_reconcile_duration_seconds_sum")
+            .await
+            .unwrap_or(0.0),
+        operator
+            .metric("kab_operator_reconcile_duration_seconds_count")
+            .await
+            .unwrap_or(0.0),
+    );
+    let rss_start = kab::plane::rss_kib(operator.pid()).unwrap_or(0) as f64 / 1024.0;
+    let mut p1_tail = AuditTail::at_end(plane.audit_log_path());
     let mut p1 = P1 {
         kab_applied: vec![],
         kab_ready: vec![],
@@ -401,13 +486,19 @@ pub async fn run() -> anyhow::Result<Report> {
         if i == 0 {
             eprintln!(
                 "bench operator: P1 warm-up (creates the shared CRDs): kab applied {:.0} ms ready {:.0} ms; floor applied {:.0} ms ready {:.0} ms",
-                ms(ka), ms(kr), ms(fa), ms(fr)
+                ms(ka),
+                ms(kr),
+                ms(fa),
+                ms(fr)
             );
             continue;
         }
         eprintln!(
             "bench operator: P1 {i}/{p1_n}: kab applied {:.0} ms ready {:.0} ms | floor applied {:.0} ms ready {:.0} ms",
-            ms(ka), ms(kr), ms(fa), ms(fr)
+            ms(ka),
+            ms(kr),
+            ms(fa),
+            ms(fr)
         );
         p1.kab_applied.push(ms(ka));
         p1.kab_ready.push(ms(kr));
@@ -416,6 +507,36 @@ pub async fn run() -> anyhow::Result<Report> {
         per_stack.push(json!({"kab_applied_ms": ms(ka), "kab_ready_ms": ms(kr), "floor_applied_ms": ms(fa), "floor_ready_ms": ms(fr)}));
     }
     let cpu_p1 = common::cpu_seconds(operator.pid()).unwrap_or(0.0) - cpu_p1_start;
+    let rec1 = (
+        operator
+            .metric("kab_operator_reconciliations_total")
+            .await
+            .unwrap_or(0.0),
+        operator
+            .metric("kab_operator_reconcile_duration_seconds_sum")
+            .await
+            .unwrap_or(0.0),
+        operator
+            .metric("kab_operator_reconcile_duration_seconds_count")
+            .await
+            .unwrap_or(0.0),
+    );
+    report.note(format!(
+        "P1: {:.0} reconciles for {} stacks ({:.1} per stack), mean reconcile {:.1} ms, operator CPU {:.2} s ({:.1} ms per stack)",
+        rec1.0 - rec0.0,
+        p1_n + 1,
+        (rec1.0 - rec0.0) / (p1_n + 1) as f64,
+        (rec1.1 - rec0.1) * 1000.0 / (rec1.2 - rec0.2).max(1.0),
+        common::cpu_seconds(operator.pid()).unwrap_or(0.0) - cpu_p1_start,
+        (common::cpu_seconds(operator.pid()).unwrap_or(0.0) - cpu_p1_start) * 1000.0 / (p1_n + 1) as f64
+    ));
+    let rss_after_p1 = kab::plane::rss_kib(operator.pid()).unwrap_or(0) as f64 / 1024.0;
+    let p1_events = p1_tail.read()?;
+    let kab_names: Vec<String> = p1_ns.iter().skip(1).map(|(k, _)| k.clone()).collect();
+    let floor_names: Vec<String> = p1_ns.iter().skip(1).map(|(_, f)| f.clone()).collect();
+    let (timeline, timeline_text) = p1_timeline(&p1_events, &kab_names, &floor_names);
+    report.detail("p1_timeline_ms", timeline);
+    report.note(timeline_text);
     report.detail(
         "p1",
         json!({
@@ -425,47 +546,124 @@ pub async fn run() -> anyhow::Result<Report> {
             "floor_applied_ms": common::summary(&p1.floor_applied),
             "floor_ready_ms": common::summary(&p1.floor_ready),
             "operator_cpu_seconds": cpu_p1,
+            "operator_rss_mib": {"start": rss_start, "after_p1": rss_after_p1},
             "per_stack": per_stack,
         }),
     );
-    let (ka50, fa50) = (percentile(&p1.kab_applied, 50.0), percentile(&p1.floor_applied, 50.0));
-    let (ka99, fa99) = (percentile(&p1.kab_applied, 99.0), percentile(&p1.floor_applied, 99.0));
-    let (kr50, fr50) = (percentile(&p1.kab_ready, 50.0), percentile(&p1.floor_ready, 50.0));
-    let (kr99, fr99) = (percentile(&p1.kab_ready, 99.0), percentile(&p1.floor_ready, 99.0));
-    report.rows.push(
-        Row::new(&format!("P1 children applied p50 (n={p1_n})"), "ms", Some(ka50), Some(fa50))
-            .target("≤ 1.4× floor", ka50 <= 1.4 * fa50),
+    let (ka50, fa50) = (
+        percentile(&p1.kab_applied, 50.0),
+        percentile(&p1.floor_applied, 50.0),
+    );
+    let (ka99, fa99) = (
+        percentile(&p1.kab_applied, 99.0),
+        percentile(&p1.floor_applied, 99.0),
+    );
+    let (kr50, fr50) = (
+        percentile(&p1.kab_ready, 50.0),
+        percentile(&p1.floor_ready, 50.0),
+    );
+    let (kr99, fr99) = (
+        percentile(&p1.kab_ready, 99.0),
+        percentile(&p1.floor_ready, 99.0),
     );
     report.rows.push(
-        Row::new("P1 children applied p99", "ms", Some(ka99), Some(fa99)).target("≤ 150 ms", ka99 <= 150.0),
+        Row::new(
+            &format!("P1 children applied p50 (n={p1_n})"),
+            "ms",
+            Some(ka50),
+            Some(fa50),
+        )
+        .target("≤ 1.4× floor", ka50 <= 1.4 * fa50),
+    );
+    report.rows.push(
+        Row::new("P1 children applied p99", "ms", Some(ka99), Some(fa99))
+            .target("≤ 150 ms", ka99 <= 150.0),
     );
     report.rows.push(
         Row::new("P1 Ready p50", "ms", Some(kr50), Some(fr50))
             .target("≤ floor + 100 ms", kr50 <= fr50 + 100.0),
     );
-    report.rows.push(Row::new("P1 Ready p99", "ms", Some(kr99), Some(fr99)).info("(reported)"));
+    report
+        .rows
+        .push(Row::new("P1 Ready p99", "ms", Some(kr99), Some(fr99)).info("(reported)"));
 
     // ---------------------------------------------------------------- P2
-    eprintln!("bench operator: P2, {p2_n} stacks at once ({})", if kab_first { "kab first" } else { "floor first" });
+    eprintln!(
+        "bench operator: P2, {p2_n} stacks at once ({})",
+        if kab_first {
+            "kab first"
+        } else {
+            "floor first"
+        }
+    );
     let kab_ns: Vec<String> = (0..p2_n).map(|i| format!("kb-p2-kab-{i}")).collect();
     let floor_ns: Vec<String> = (0..p2_n).map(|i| format!("kb-p2-floor-{i}")).collect();
-    let mut both = kab_ns.clone();
-    both.extend(floor_ns.iter().cloned());
-    common::create_namespaces(&client, &both, &BTreeMap::new(), 32).await?;
-    wait_default_service_accounts(&obs, &both).await?;
-    let floor_stacks: Vec<FloorStack> = floor_ns.iter().map(|ns| floor_stack(ns)).collect::<anyhow::Result<_>>()?;
+    let ssa_ns: Vec<String> = (0..p2_n).map(|i| format!("kb-p2-ssa-{i}")).collect();
+    let mut all_ns = kab_ns.clone();
+    all_ns.extend(floor_ns.iter().cloned());
+    if floor_ssa {
+        all_ns.extend(ssa_ns.iter().cloned());
+    }
+    common::create_namespaces(&client, &all_ns, &BTreeMap::new(), 32).await?;
+    wait_default_service_accounts(&obs, &all_ns).await?;
     let settle = common::env_secs("KAB_BENCH_SETTLE_SECS", 5);
 
     let mut floor_result = None;
     let mut kab_result = None;
-    let mut floor_stacks = Some(floor_stacks);
-    for phase in 0..2 {
+    let mut ssa_result = None;
+    let mut phases = if kab_first {
+        vec!["kab", "floor"]
+    } else {
+        vec!["floor", "kab"]
+    };
+    if floor_ssa {
+        phases.push("floor-ssa");
+    }
+    for phase in phases {
         tokio::time::sleep(settle).await;
-        if (phase == 0) != kab_first {
-            let fs = floor_stacks.take().unwrap_or_default();
-            floor_result = Some(p2_floor(&plane, &client, &obs, &registrar, fs, &floor_ns, concurrency, p2_timeout).await?);
-        } else {
-            kab_result = Some(p2_kab(&plane, &client, &obs, &mut operator, &kab_ns, p2_timeout).await?);
+        match phase {
+            "kab" => {
+                kab_result =
+                    Some(p2_kab(&plane, &client, &obs, &mut operator, &kab_ns, p2_timeout).await?)
+            }
+            "floor" => {
+                let fs: Vec<FloorStack> = floor_ns
+                    .iter()
+                    .map(|ns| floor_stack(ns, false))
+                    .collect::<anyhow::Result<_>>()?;
+                floor_result = Some(
+                    p2_floor(
+                        &plane,
+                        &client,
+                        &obs,
+                        &registrar,
+                        fs,
+                        &floor_ns,
+                        concurrency,
+                        p2_timeout,
+                    )
+                    .await?,
+                );
+            }
+            _ => {
+                let fs: Vec<FloorStack> = ssa_ns
+                    .iter()
+                    .map(|ns| floor_stack(ns, true))
+                    .collect::<anyhow::Result<_>>()?;
+                ssa_result = Some(
+                    p2_floor(
+                        &plane,
+                        &client,
+                        &obs,
+                        &registrar,
+                        fs,
+                        &ssa_ns,
+                        concurrency,
+                        p2_timeout,
+                    )
+                    .await?,
+                );
+            }
         }
     }
     let floor = floor_result.ok_or_else(|| anyhow!("no floor result"))?;
@@ -476,7 +674,10 @@ pub async fn run() -> anyhow::Result<Report> {
     }
 
     // ---------------------------------------------------------------- idle
-    eprintln!("bench operator: {}s of idle after all Ready", idle.as_secs());
+    eprintln!(
+        "bench operator: {}s of idle after all Ready",
+        idle.as_secs()
+    );
     let mut tail = AuditTail::at_end(plane.audit_log_path());
     let idle_cpu0 = common::cpu_seconds(operator.pid()).unwrap_or(0.0);
     tokio::time::sleep(idle).await;
@@ -499,6 +700,33 @@ pub async fn run() -> anyhow::Result<Report> {
         .filter(|e| e.user.username == OPERATOR_USER && !e.is_write())
         .count();
     let alive = operator.alive();
+    let rss_after_idle = kab::plane::rss_kib(operator.pid()).unwrap_or(0) as f64 / 1024.0;
+    report.note(format!(
+        "operator RSS: {rss_start:.1} MiB at start, {rss_after_p1:.1} MiB after P1 ({} stacks), peak {:.1} MiB in P2, \
+         {rss_after_idle:.1} MiB after idle ({} stacks): ≈{:.0} KiB per stack",
+        p1_n + 1,
+        kab.peak_rss_mib,
+        p1_n + 1 + p2_n,
+        (rss_after_idle - rss_after_p1) * 1024.0 / p2_n.max(1) as f64
+    ));
+    let everything = whole_run.read()?;
+    let ops: Vec<&common::AuditLine> = everything
+        .iter()
+        .filter(|e| e.user.username == OPERATOR_USER)
+        .collect();
+    let (run_verbs, run_detail) = common::by_verb(&ops);
+    report.note(format!(
+        "operator requests over the whole run (start, P1, P2, idle) by verb: {}",
+        run_verbs
+            .iter()
+            .map(|(v, c)| format!("{v} {c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    report.detail(
+        "operator_requests_whole_run",
+        json!({"by_verb": run_verbs, "by_verb_resource": run_detail}),
+    );
 
     // ---------------------------------------------------------------- rows
     let n = p2_n as f64;
@@ -509,53 +737,132 @@ pub async fn run() -> anyhow::Result<Report> {
         _ => false,
     };
     report.rows.push(
-        Row::new(&format!("P2 all {p2_n} Ready"), "s", kab_all, floor_all).target("≤ 1.2× floor, ≤ 60 s", all_pass),
+        Row::new(&format!("P2 all {p2_n} Ready"), "s", kab_all, floor_all)
+            .target("≤ 1.2× floor, ≤ 60 s", all_pass),
+    );
+    if let Some(ssa) = &ssa_result {
+        let ssa_all = ssa.all_ready.map(|d| d.as_secs_f64());
+        report.rows.push(
+            Row::new(
+                &format!("P2 all {p2_n} Ready vs floor with server-side apply"),
+                "s",
+                kab_all,
+                ssa_all,
+            )
+            .info("(diagnostic: floor applies instead of POSTs; ran last)"),
+        );
+        report.note(format!(
+            "P2 CPU seconds while the SSA floor ran ({:.1} s): {}",
+            ssa_all.unwrap_or_default(),
+            common::fmt_cpu(&ssa.procs)
+        ));
+    }
+    report.rows.push(
+        Row::new(
+            "P2 all children applied",
+            "s",
+            kab.all_applied.map(|d| d.as_secs_f64()),
+            floor.all_applied.map(|d| d.as_secs_f64()),
+        )
+        .info("(reported)"),
     );
     report.rows.push(
-        Row::new("P2 all children applied", "s", kab.all_applied.map(|d| d.as_secs_f64()), floor.all_applied.map(|d| d.as_secs_f64()))
-            .info("(reported)"),
+        Row::new(
+            "P2 per-stack Ready p50",
+            "s",
+            Some(percentile(&kab.ready, 50.0)),
+            Some(percentile(&floor.ready, 50.0)),
+        )
+        .info("(reported)"),
     );
     report.rows.push(
-        Row::new("P2 per-stack Ready p50", "s", Some(percentile(&kab.ready, 50.0)), Some(percentile(&floor.ready, 50.0)))
-            .info("(reported)"),
+        Row::new(
+            "P2 operator peak RSS (sampled 100 ms)",
+            "MiB",
+            Some(kab.peak_rss_mib),
+            None,
+        )
+        .target("≤ 64 MiB", kab.peak_rss_mib <= 64.0),
     );
     report.rows.push(
-        Row::new("P2 operator peak RSS (sampled 100 ms)", "MiB", Some(kab.peak_rss_mib), None)
-            .target("≤ 64 MiB", kab.peak_rss_mib <= 64.0),
+        Row::new("operator VmHWM (whole life)", "MiB", kab.hwm_mib, None)
+            .info("(kernel peak, cross-check)"),
     );
     report.rows.push(
-        Row::new("operator VmHWM (whole life)", "MiB", kab.hwm_mib, None).info("(kernel peak, cross-check)"),
-    );
-    report.rows.push(
-        Row::new("P2 operator CPU (utime+stime)", "cpu-s", Some(kab.cpu_seconds), None).info(&format!(
+        Row::new(
+            "P2 operator CPU (utime+stime)",
+            "cpu-s",
+            Some(kab.cpu_seconds),
+            None,
+        )
+        .info(&format!(
             "(reported; {:.1} ms/stack)",
             kab.cpu_seconds * 1000.0 / n
         )),
     );
     report.rows.push(
-        Row::new("P2 API requests per stack", "count", Some(kab.requests as f64 / n), Some(floor.writes as f64 / n))
-            .info("(reported; floor: its POSTs)"),
+        Row::new(
+            "P2 API requests per stack",
+            "count",
+            Some(kab.requests as f64 / n),
+            Some(floor.writes as f64 / n),
+        )
+        .info("(reported; floor: its POSTs)"),
     );
     report.rows.push(
-        Row::new("P2 API writes per stack", "count", Some(kab.writes as f64 / n), Some(floor.writes as f64 / n))
-            .info("(reported)"),
+        Row::new(
+            "P2 API writes per stack",
+            "count",
+            Some(kab.writes as f64 / n),
+            Some(floor.writes as f64 / n),
+        )
+        .info("(reported)"),
     );
     let lists = kab.verbs.get("list").copied().unwrap_or(0);
     let list_limit = (kab.reconciles / 10.0).max(20.0);
     report.rows.push(
-        Row::new("P2 operator LISTs during the run", "count", Some(lists as f64), None).target(
+        Row::new(
+            "P2 operator LISTs during the run",
+            "count",
+            Some(lists as f64),
+            None,
+        )
+        .target(
             &format!("no LIST per reconcile ({:.0} reconciles)", kab.reconciles),
             (lists as f64) < list_limit,
         ),
     );
     report.rows.push(
-        Row::new(&format!("writes in {}s idle (excl. leader Lease)", idle.as_secs()), "count", Some(idle_writes.len() as f64), None)
-            .target("0", idle_writes.is_empty()),
+        Row::new(
+            &format!("writes in {}s idle (excl. leader Lease)", idle.as_secs()),
+            "count",
+            Some(idle_writes.len() as f64),
+            None,
+        )
+        .target("0", idle_writes.is_empty()),
     );
     report.note(format!(
         "P2 operator requests by verb (audit log; the bench's audit policy logs every request of the \
          operator's user, reads included): {}",
         kab.verbs.iter().map(|(v, c)| format!("{v} {c}")).collect::<Vec<_>>().join(", ")
+    ));
+    report.note(format!(
+        "P2 CPU seconds while the floor ran ({:.1} s): {}",
+        floor_all.unwrap_or_default(),
+        common::fmt_cpu(&floor.procs)
+    ));
+    report.note(format!(
+        "P2 CPU seconds while kab ran ({:.1} s): {}",
+        kab_all.unwrap_or_default(),
+        common::fmt_cpu(&kab.procs)
+    ));
+    report.note(format!(
+        "P2 operator requests by verb and resource: {}",
+        kab.detail
+            .iter()
+            .map(|(v, c)| format!("{v} {c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     report.note(format!(
         "P2: {:.0} reconciles for {p2_n} stacks ({:.1} per stack); floor: {} POSTs",
@@ -568,7 +875,11 @@ pub async fn run() -> anyhow::Result<Report> {
     ));
     report.note(format!(
         "P2 order: {}; the second phase runs on a plane that holds the first one's objects",
-        if kab_first { "kab first, then floor" } else { "floor first, then kab (conservative for kab)" }
+        if kab_first {
+            "kab first, then floor"
+        } else {
+            "floor first, then kab (conservative for kab)"
+        }
     ));
     if !alive {
         report.note("the operator process EXITED during the run".to_string());
@@ -591,6 +902,7 @@ pub async fn run() -> anyhow::Result<Report> {
                 "by_verb_resource": kab.detail,
                 "reconciles": kab.reconciles,
                 "create_all_stacks_s": kab.create_took.as_secs_f64(),
+                "cpu_by_process": kab.procs,
             },
             "floor": {
                 "all_ready_s": floor_all,
@@ -599,6 +911,7 @@ pub async fn run() -> anyhow::Result<Report> {
                 "not_ready": floor.not_ready,
                 "writes": floor.writes,
                 "bench_cpu_seconds": floor.bench_cpu,
+                "cpu_by_process": floor.procs,
             },
             "idle": {"seconds": idle.as_secs(), "writes": idle_writes, "leader_lease_writes": idle_lease, "reads": idle_reads, "operator_cpu_seconds": idle_cpu},
         }),
@@ -611,7 +924,194 @@ pub async fn run() -> anyhow::Result<Report> {
     Ok(report)
 }
 
-async fn wait_default_service_accounts(obs: &Observer, namespaces: &[String]) -> anyhow::Result<()> {
+/// Where the time of a P1 stack goes, from the API server's audit timestamps (median over the
+/// stacks, ms from the KabStack create, or from the floor's first POST).
+fn p1_timeline(
+    events: &[common::AuditLine],
+    kab_ns: &[String],
+    floor_ns: &[String],
+) -> (Value, String) {
+    use std::collections::BTreeSet;
+    let ns_of = |e: &common::AuditLine| {
+        e.object_ref
+            .as_ref()
+            .map(|r| r.namespace.clone())
+            .unwrap_or_default()
+    };
+    let name_of = |e: &common::AuditLine| {
+        e.object_ref
+            .as_ref()
+            .map(|r| r.name.clone())
+            .unwrap_or_default()
+    };
+    let mut marks: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for ns in kab_ns {
+        let reg = format!("{STACK}.{ns}.kab.dev");
+        let mine: Vec<&common::AuditLine> = events
+            .iter()
+            .filter(|e| ns_of(e) == *ns || name_of(e) == reg)
+            .collect();
+        let Some(create) = mine
+            .iter()
+            .find(|e| {
+                e.user.username == common::BENCH_USER
+                    && e.verb == "create"
+                    && e.resource() == "kabstacks"
+            })
+            .map(|e| e.received_us())
+        else {
+            continue;
+        };
+        let ops: Vec<&&common::AuditLine> = mine
+            .iter()
+            .filter(|e| e.user.username == OPERATOR_USER && e.is_write())
+            .collect();
+        let at = |us: i64| (us - create) as f64 / 1000.0;
+        let first = |f: &dyn Fn(&common::AuditLine) -> bool| {
+            ops.iter().filter(|e| f(e)).map(|e| e.received_us()).min()
+        };
+        let mut push = |k: &'static str, v: Option<i64>| {
+            if let Some(v) = v {
+                marks.entry(k).or_default().push(at(v));
+            }
+        };
+        push(
+            "kab 1 finalizer patch received",
+            first(&|e| e.resource() == "kabstacks"),
+        );
+        push(
+            "kab 2 first Secret patch received",
+            first(&|e| e.resource() == "secrets"),
+        );
+        push(
+            "kab 3 Secrets answered",
+            ops.iter()
+                .filter(|e| e.resource() == "secrets")
+                .map(|e| e.done_us())
+                .max(),
+        );
+        let is_child = |e: &common::AuditLine| {
+            !matches!(
+                e.resource().as_str(),
+                "kabstacks" | "kabstacks/status" | "secrets" | "validatingwebhookconfigurations"
+            )
+        };
+        push(
+            "kab 4 first other child patch received",
+            first(&|e| is_child(e)),
+        );
+        // The first apply of each child (later ones are re-applies).
+        let mut seen = BTreeSet::new();
+        let last_child = ops
+            .iter()
+            .filter(|e| is_child(e) && seen.insert((e.resource(), name_of(e))))
+            .map(|e| e.done_us())
+            .max();
+        push("kab 5 last child answered", last_child);
+        push(
+            "kab 6 first status patch received",
+            first(&|e| e.resource() == "kabstacks/status"),
+        );
+        push(
+            "kab 7 registration patch received",
+            first(&|e| e.resource() == "validatingwebhookconfigurations"),
+        );
+        push(
+            "kab 8 last status patch answered",
+            ops.iter()
+                .filter(|e| e.resource() == "kabstacks/status")
+                .map(|e| e.done_us())
+                .max(),
+        );
+        marks
+            .entry("kab children patches per stack")
+            .or_default()
+            .push(seen.len() as f64);
+        marks
+            .entry("kab writes per stack")
+            .or_default()
+            .push(ops.len() as f64);
+    }
+    for ns in floor_ns {
+        let reg = format!("{STACK}.{ns}.kab.dev");
+        let mine: Vec<&common::AuditLine> = events
+            .iter()
+            .filter(|e| {
+                (ns_of(e) == *ns || name_of(e) == reg)
+                    && e.user.username == common::BENCH_USER
+                    && e.is_write()
+            })
+            .collect();
+        let Some(start) = mine.iter().map(|e| e.received_us()).min() else {
+            continue;
+        };
+        let at = |us: i64| (us - start) as f64 / 1000.0;
+        let reg_at = mine
+            .iter()
+            .filter(|e| e.resource() == "validatingwebhookconfigurations")
+            .map(|e| e.received_us())
+            .min();
+        let last = mine
+            .iter()
+            .filter(|e| e.resource() != "validatingwebhookconfigurations")
+            .map(|e| e.done_us())
+            .max();
+        if let Some(v) = last {
+            marks
+                .entry("floor 1 last POST answered")
+                .or_default()
+                .push(at(v));
+        }
+        if let Some(v) = reg_at {
+            marks
+                .entry("floor 2 registration POST received")
+                .or_default()
+                .push(at(v));
+        }
+    }
+    let json: serde_json::Map<String, Value> = marks
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(percentile(v, 50.0))))
+        .collect();
+    let text = format!(
+        "P1 timeline (API server audit timestamps, median ms from the KabStack create / the floor's first POST): {}",
+        marks
+            .iter()
+            .map(|(k, v)| format!("{k} {:.1}", percentile(v, 50.0)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    (Value::Object(json), text)
+}
+
+/// The status of a stack that is late, for the error message.
+async fn describe_stack(api: &Api<KabStack>) -> String {
+    match api.get(STACK).await {
+        Ok(s) => match &s.status {
+            Some(st) => {
+                let conds: Vec<String> = st
+                    .conditions
+                    .iter()
+                    .map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message))
+                    .collect();
+                let blocked: Vec<String> = st
+                    .components
+                    .iter()
+                    .filter(|c| !c.ready)
+                    .map(|c| format!("{} {}: {}", c.kind, c.name, c.message))
+                    .collect();
+                format!("status: {conds:?}; not ready: {blocked:?}")
+            }
+            None => "no status".into(),
+        },
+        Err(e) => format!("cannot read the stack: {e}"),
+    }
+}
+
+async fn wait_default_service_accounts(
+    obs: &Observer,
+    namespaces: &[String],
+) -> anyhow::Result<()> {
     common::wait_until(
         "the default ServiceAccount of every benchmark namespace",
         Duration::from_secs(300),
@@ -628,7 +1128,11 @@ async fn wait_default_service_accounts(obs: &Observer, namespaces: &[String]) ->
 }
 
 /// One KabStack: `(children applied, Ready)`.
-async fn p1_kab(client: &kube::Client, obs: &Observer, ns: &str) -> anyhow::Result<(Duration, Duration)> {
+async fn p1_kab(
+    client: &kube::Client,
+    obs: &Observer,
+    ns: &str,
+) -> anyhow::Result<(Duration, Duration)> {
     let exp = expected(ns, KAB_GROUP)?;
     let api: Api<KabStack> = Api::namespaced(client.clone(), ns);
     let s = stack(ns, KAB_GROUP)?;
@@ -636,13 +1140,25 @@ async fn p1_kab(client: &kube::Client, obs: &Observer, ns: &str) -> anyhow::Resu
     api.create(&PostParams::default(), &s)
         .await
         .with_context(|| format!("creating KabStack {ns}/{STACK}"))?;
-    common::wait_until(
+    let waited = common::wait_until(
         &format!("KabStack {ns}/{STACK} Ready with every child"),
         Duration::from_secs(180),
         Duration::from_millis(5),
         || stack_ready_at(obs, ns, t0).is_some() && applied_at(obs, &exp, t0).is_some(),
     )
-    .await?;
+    .await;
+    if let Err(e) = waited {
+        let missing: Vec<String> = obs.with(|s| {
+            exp.iter()
+                .filter(|(k, reg)| !reg && !s.exists.contains_key(k))
+                .map(|(k, _)| format!("{} {}/{}", k.0, k.1, k.2))
+                .collect()
+        });
+        return Err(e.context(format!(
+            "{}; children not seen: {missing:?}",
+            describe_stack(&api).await
+        )));
+    }
     Ok((
         applied_at(obs, &exp, t0).unwrap_or_default(),
         stack_ready_at(obs, ns, t0).unwrap_or_default(),
@@ -657,7 +1173,7 @@ async fn p1_floor(
     ns: &str,
 ) -> anyhow::Result<(Duration, Duration)> {
     let exp = expected(ns, FLOOR_GROUP)?;
-    let fs = floor_stack(ns)?;
+    let fs = floor_stack(ns, false)?;
     registrar.expect(fs.registration.clone());
     let t0 = Instant::now();
     run_floor_stack(client.clone(), fs.objects).await?;
@@ -681,6 +1197,7 @@ struct FloorP2 {
     not_ready: usize,
     writes: usize,
     bench_cpu: f64,
+    procs: BTreeMap<String, f64>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -694,8 +1211,10 @@ async fn p2_floor(
     concurrency: usize,
     timeout: Duration,
 ) -> anyhow::Result<FloorP2> {
-    let _ = plane;
-    let exps: Vec<Vec<(Key, bool)>> = namespaces.iter().map(|ns| expected(ns, FLOOR_GROUP)).collect::<anyhow::Result<_>>()?;
+    let exps: Vec<Vec<(Key, bool)>> = namespaces
+        .iter()
+        .map(|ns| expected(ns, FLOOR_GROUP))
+        .collect::<anyhow::Result<_>>()?;
     let writes: usize = stacks.iter().map(|s| s.objects.len() + 1).sum();
     let mut work = Vec::new();
     for s in stacks {
@@ -703,7 +1222,14 @@ async fn p2_floor(
         work.push((s.ns, s.objects));
     }
     let cpu0 = common::cpu_seconds(std::process::id()).unwrap_or(0.0);
-    eprintln!("bench operator: P2 floor: {} stacks, {writes} POSTs", work.len());
+    let procs0 = common::cpu_by_process(
+        plane,
+        &[("bench (floor client + watches)", std::process::id())],
+    );
+    eprintln!(
+        "bench operator: P2 floor: {} stacks, {writes} POSTs",
+        work.len()
+    );
     let t0 = Instant::now();
     let c = client.clone();
     let creating = tokio::spawn(async move {
@@ -722,14 +1248,28 @@ async fn p2_floor(
     .await;
     creating.await??;
     let bench_cpu = common::cpu_seconds(std::process::id()).unwrap_or(0.0) - cpu0;
-    let ready: Vec<f64> = exps.iter().filter_map(|e| all_ready_at(obs, e, t0)).map(|d| d.as_secs_f64()).collect();
+    let procs = common::cpu_delta(
+        &procs0,
+        &common::cpu_by_process(
+            plane,
+            &[("bench (floor client + watches)", std::process::id())],
+        ),
+    );
+    let ready: Vec<f64> = exps
+        .iter()
+        .filter_map(|e| all_ready_at(obs, e, t0))
+        .map(|d| d.as_secs_f64())
+        .collect();
     let applied: Vec<Duration> = exps.iter().filter_map(|e| applied_at(obs, e, t0)).collect();
     let not_ready = exps.len() - ready.len();
     if let Err(e) = &waited {
         eprintln!("bench operator: P2 floor: {e:#} ({not_ready} not ready)");
     }
-    let all_ready = waited.is_ok().then(|| Duration::from_secs_f64(ready.iter().copied().fold(0.0, f64::max)));
-    let all_applied = (applied.len() == exps.len()).then(|| applied.iter().copied().max().unwrap_or_default());
+    let all_ready = waited
+        .is_ok()
+        .then(|| Duration::from_secs_f64(ready.iter().copied().fold(0.0, f64::max)));
+    let all_applied =
+        (applied.len() == exps.len()).then(|| applied.iter().copied().max().unwrap_or_default());
     eprintln!(
         "bench operator: P2 floor: all ready in {:?}, all applied in {:?}",
         all_ready, all_applied
@@ -741,6 +1281,7 @@ async fn p2_floor(
         not_ready,
         writes,
         bench_cpu,
+        procs,
     })
 }
 
@@ -758,6 +1299,7 @@ struct KabP2 {
     detail: BTreeMap<String, u64>,
     reconciles: f64,
     create_took: Duration,
+    procs: BTreeMap<String, f64>,
 }
 
 async fn p2_kab(
@@ -768,17 +1310,31 @@ async fn p2_kab(
     namespaces: &[String],
     timeout: Duration,
 ) -> anyhow::Result<KabP2> {
-    let exps: Vec<Vec<(Key, bool)>> = namespaces.iter().map(|ns| expected(ns, KAB_GROUP)).collect::<anyhow::Result<_>>()?;
+    let exps: Vec<Vec<(Key, bool)>> = namespaces
+        .iter()
+        .map(|ns| expected(ns, KAB_GROUP))
+        .collect::<anyhow::Result<_>>()?;
     let bodies: Vec<(String, KabStack)> = namespaces
         .iter()
         .map(|ns| Ok((ns.clone(), stack(ns, KAB_GROUP)?)))
         .collect::<anyhow::Result<_>>()?;
     let pid = operator.pid();
-    let reconciles0 = operator.metric("kab_operator_reconciliations_total").await.unwrap_or(0.0);
+    let reconciles0 = operator
+        .metric("kab_operator_reconciliations_total")
+        .await
+        .unwrap_or(0.0);
     let mut tail = AuditTail::at_end(plane.audit_log_path());
     let rss = common::RssSampler::start(pid);
     let cpu0 = common::cpu_seconds(pid).unwrap_or(0.0);
-    eprintln!("bench operator: P2 kab: creating {} KabStacks", bodies.len());
+    let me = std::process::id();
+    let procs0 = common::cpu_by_process(
+        plane,
+        &[("kab operator", pid), ("bench (client + watches)", me)],
+    );
+    eprintln!(
+        "bench operator: P2 kab: creating {} KabStacks",
+        bodies.len()
+    );
     let t0 = Instant::now();
     let c = client.clone();
     let created: Vec<anyhow::Result<()>> = futures::stream::iter(bodies)
@@ -796,30 +1352,58 @@ async fn p2_kab(
         .await;
     let create_took = t0.elapsed();
     created.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
-    eprintln!("bench operator: P2 kab: {} KabStacks created in {create_took:?}", namespaces.len());
+    eprintln!(
+        "bench operator: P2 kab: {} KabStacks created in {create_took:?}",
+        namespaces.len()
+    );
     let waited = common::wait_until(
         "every KabStack Ready",
         timeout,
         Duration::from_millis(250),
-        || namespaces.iter().all(|ns| stack_ready_at(obs, ns, t0).is_some()),
+        || {
+            namespaces
+                .iter()
+                .all(|ns| stack_ready_at(obs, ns, t0).is_some())
+        },
     )
     .await;
     let cpu_seconds = common::cpu_seconds(pid).unwrap_or(0.0) - cpu0;
+    let procs = common::cpu_delta(
+        &procs0,
+        &common::cpu_by_process(
+            plane,
+            &[("kab operator", pid), ("bench (client + watches)", me)],
+        ),
+    );
     let peak_rss_mib = rss.stop();
     let hwm_mib = common::hwm_kib(pid).map(|k| k as f64 / 1024.0);
-    let reconciles = operator.metric("kab_operator_reconciliations_total").await.unwrap_or(0.0) - reconciles0;
+    let reconciles = operator
+        .metric("kab_operator_reconciliations_total")
+        .await
+        .unwrap_or(0.0)
+        - reconciles0;
     let events = tail.read()?;
-    let ops: Vec<&common::AuditLine> = events.iter().filter(|e| e.user.username == OPERATOR_USER).collect();
+    let ops: Vec<&common::AuditLine> = events
+        .iter()
+        .filter(|e| e.user.username == OPERATOR_USER)
+        .collect();
     let (verbs, detail) = common::by_verb(&ops);
     let writes = ops.iter().filter(|e| e.is_write()).count();
-    let ready: Vec<f64> = namespaces.iter().filter_map(|ns| stack_ready_at(obs, ns, t0)).map(|d| d.as_secs_f64()).collect();
+    let ready: Vec<f64> = namespaces
+        .iter()
+        .filter_map(|ns| stack_ready_at(obs, ns, t0))
+        .map(|d| d.as_secs_f64())
+        .collect();
     let applied: Vec<Duration> = exps.iter().filter_map(|e| applied_at(obs, e, t0)).collect();
     let not_ready = namespaces.len() - ready.len();
     if let Err(e) = &waited {
         eprintln!("bench operator: P2 kab: {e:#} ({not_ready} not ready)");
     }
-    let all_ready = waited.is_ok().then(|| Duration::from_secs_f64(ready.iter().copied().fold(0.0, f64::max)));
-    let all_applied = (applied.len() == exps.len()).then(|| applied.iter().copied().max().unwrap_or_default());
+    let all_ready = waited
+        .is_ok()
+        .then(|| Duration::from_secs_f64(ready.iter().copied().fold(0.0, f64::max)));
+    let all_applied =
+        (applied.len() == exps.len()).then(|| applied.iter().copied().max().unwrap_or_default());
     eprintln!(
         "bench operator: P2 kab: all Ready in {all_ready:?}, all applied in {all_applied:?}, peak RSS {peak_rss_mib:.1} MiB, CPU {cpu_seconds:.1} s, {} requests",
         ops.len()
@@ -838,5 +1422,6 @@ async fn p2_kab(
         detail,
         reconciles,
         create_took,
+        procs,
     })
 }

@@ -91,7 +91,11 @@ async fn creates(
             async move {
                 let sent = Instant::now();
                 match api.create(&PostParams::default(), &o).await {
-                    Ok(created) => Ok((created.metadata.uid.unwrap_or_default(), sent, Instant::now())),
+                    Ok(created) => Ok((
+                        created.metadata.uid.unwrap_or_default(),
+                        sent,
+                        Instant::now(),
+                    )),
                     Err(e) => Err(format!("{prefix}-{i}: {e}")),
                 }
             }
@@ -150,7 +154,8 @@ async fn round(
     for (uid, sent, answered) in &done {
         if let Some(at) = d.get(uid) {
             r.delivery_ms.push(ms(at.saturating_duration_since(*sent)));
-            r.after_ack_ms.push(ms(at.saturating_duration_since(*answered)));
+            r.after_ack_ms
+                .push(ms(at.saturating_duration_since(*answered)));
             last = last.max(*at);
         }
     }
@@ -209,13 +214,50 @@ fn cpu_snapshot(plane: &Plane, rt: &LocalRuntime, operator_pid: u32) -> BTreeMap
             *out.entry(name.to_string()).or_insert(0.0) += common::cpu_seconds(pid).unwrap_or(0.0);
         }
     }
-    out.insert("kab operator".into(), common::cpu_seconds(operator_pid).unwrap_or(0.0));
-    out.insert("bench client".into(), common::cpu_seconds(std::process::id()).unwrap_or(0.0));
+    out.insert(
+        "kab operator".into(),
+        common::cpu_seconds(operator_pid).unwrap_or(0.0),
+    );
+    out.insert(
+        "bench client".into(),
+        common::cpu_seconds(std::process::id()).unwrap_or(0.0),
+    );
     out
 }
 
-fn cpu_delta(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
-    b.iter().map(|(k, v)| (k.clone(), v - a.get(k).copied().unwrap_or(0.0))).collect()
+use common::cpu_delta;
+
+/// A user name of the audit log, short.
+fn who(user: &str) -> String {
+    if user == common::BENCH_USER {
+        return "bench client".into();
+    }
+    if user == "kab-admin" {
+        return "KCM/scheduler/KWOK/local runtime (admin)".into();
+    }
+    match user.strip_prefix("system:serviceaccount:") {
+        Some(sa) => sa.rsplit(':').next().unwrap_or(sa).to_string(),
+        None => user.trim_start_matches("system:").to_string(),
+    }
+}
+
+/// Writes per entity, by `who verb resource`.
+fn writes_per_entity(events: &[common::AuditLine], n: usize) -> String {
+    let mut by: BTreeMap<String, u64> = BTreeMap::new();
+    for e in events.iter().filter(|e| e.is_write()) {
+        *by.entry(format!(
+            "{} {} {}",
+            who(&e.user.username),
+            e.verb,
+            e.resource()
+        ))
+        .or_insert(0) += 1;
+    }
+    by.iter()
+        .filter(|(_, c)| **c as f64 / n.max(1) as f64 >= 0.05)
+        .map(|(k, c)| format!("{k} {:.2}", *c as f64 / n.max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub async fn run() -> anyhow::Result<Report> {
@@ -229,8 +271,8 @@ pub async fn run() -> anyhow::Result<Report> {
         "raw CRD",
     );
 
-    let plane = Arc::new(common::start_plane("pipeline", true).await?);
-    let client = plane.client();
+    let plane = Arc::new(common::start_plane("pipeline", true, common::AUDIT_WRITES).await?);
+    let client = common::bench_client(&plane).await?;
     let operator = common::start_operator(&plane, &[]).await?;
     let identity: kab::runtime::IdentityFn = {
         let p = plane.clone();
@@ -243,15 +285,25 @@ pub async fn run() -> anyhow::Result<Report> {
         identity,
     );
     config.logs = plane.logs_dir().to_path_buf();
-    let rt = LocalRuntime::start(client.clone(), config).await?;
+    // The runtime writes as the plane's admin (like KCM), not as the bench client.
+    let rt = LocalRuntime::start(plane.client(), config).await?;
 
     // The stack, its pods run for real by the local runtime.
-    common::create_namespaces(&client, &[NS.to_string()], &kab::runtime::namespace_annotations(), 1).await?;
+    common::create_namespaces(
+        &client,
+        &[NS.to_string()],
+        &kab::runtime::namespace_annotations(),
+        1,
+    )
+    .await?;
     common::create_namespaces(&client, &[RAW_NS.to_string()], &Default::default(), 1).await?;
     let stack: KabStack = serde_json::from_value(stack_value(NS, GROUP)?)?;
     let stacks: Api<KabStack> = Api::namespaced(client.clone(), NS);
     let t = Instant::now();
-    stacks.create(&PostParams::default(), &stack).await.context("creating the KabStack")?;
+    stacks
+        .create(&PostParams::default(), &stack)
+        .await
+        .context("creating the KabStack")?;
     tokio::time::timeout(
         Duration::from_secs(240),
         kube::runtime::wait::await_condition(stacks.clone(), STACK, |s: Option<&KabStack>| {
@@ -259,12 +311,25 @@ pub async fn run() -> anyhow::Result<Report> {
         }),
     )
     .await
-    .map_err(|_| anyhow!("the stack was not Ready in 240 s (logs: {})", plane.logs_dir().display()))??;
-    eprintln!("bench pipeline: stack Ready (real processes) in {:?}", t.elapsed());
+    .map_err(|_| {
+        anyhow!(
+            "the stack was not Ready in 240 s (logs: {})",
+            plane.logs_dir().display()
+        )
+    })??;
+    eprintln!(
+        "bench pipeline: stack Ready (real processes) in {:?}",
+        t.elapsed()
+    );
 
     // The baseline: the same CRD under another group, no webhook, no controller.
     let raw_stack: KabStack = serde_json::from_value(stack_value(RAW_NS, RAW_GROUP)?)?;
-    let rendered = render::render(&Templates::embedded(), &raw_stack, &Settings::default(), &Facts::default())?;
+    let rendered = render::render(
+        &Templates::embedded(),
+        &raw_stack,
+        &Settings::default(),
+        &Facts::default(),
+    )?;
     let crd = rendered
         .children
         .iter()
@@ -291,7 +356,10 @@ pub async fn run() -> anyhow::Result<Report> {
     let svc = Api::<Service>::namespaced(client.clone(), NS)
         .get(&format!("{STACK}-broker"))
         .await?;
-    let ip = svc.spec.and_then(|s| s.cluster_ip).ok_or_else(|| anyhow!("broker Service has no ClusterIP"))?;
+    let ip = svc
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .ok_or_else(|| anyhow!("broker Service has no ClusterIP"))?;
     let prefix = render::stack_config(&stack)["controller"]["subjectPrefix"]
         .as_str()
         .unwrap_or("kab")
@@ -340,17 +408,46 @@ pub async fn run() -> anyhow::Result<Report> {
     let mut kab = Side::default();
     let mut cpu_raw = BTreeMap::new();
     let mut cpu_kab = BTreeMap::new();
+    let mut audit_raw = Vec::new();
+    let mut audit_kab = Vec::new();
     for r in 0..rounds {
         for side in ["raw", "kab"] {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let c0 = cpu_snapshot(&plane, &rt, operator.pid());
+            let mut tail = common::AuditTail::at_end(plane.audit_log_path());
             let res = if side == "raw" {
-                round(&raw_api, &raw_ar, &format!("r{r}"), per_round, concurrency, None).await
+                round(
+                    &raw_api,
+                    &raw_ar,
+                    &format!("r{r}"),
+                    per_round,
+                    concurrency,
+                    None,
+                )
+                .await
             } else {
-                round(&kab_api, &kab_ar, &format!("r{r}"), per_round, concurrency, Some(&deliveries)).await
+                round(
+                    &kab_api,
+                    &kab_ar,
+                    &format!("r{r}"),
+                    per_round,
+                    concurrency,
+                    Some(&deliveries),
+                )
+                .await
             };
             let c1 = cpu_snapshot(&plane, &rt, operator.pid());
-            let target = if side == "raw" { &mut cpu_raw } else { &mut cpu_kab };
+            let events = tail.read().unwrap_or_default();
+            if side == "raw" {
+                audit_raw.extend(events)
+            } else {
+                audit_kab.extend(events)
+            }
+            let target = if side == "raw" {
+                &mut cpu_raw
+            } else {
+                &mut cpu_kab
+            };
             for (k, v) in cpu_delta(&c0, &c1) {
                 *target.entry(k).or_insert(0.0) += v;
             }
@@ -377,30 +474,72 @@ pub async fn run() -> anyhow::Result<Report> {
 
     // ------------------------------------------------------------------ table
     report.rows.push(
-        Row::new("sustained creates/s, end to end (all delivered)", "/s", Some(kab.e2e_rate()), Some(raw.api_rate()))
-            .info("ratio reported"),
+        Row::new(
+            "sustained creates/s, end to end (all delivered)",
+            "/s",
+            Some(kab.e2e_rate()),
+            Some(raw.api_rate()),
+        )
+        .info("ratio reported"),
     );
     report.rows.push(
-        Row::new("creates/s admitted by the API server", "/s", Some(kab.api_rate()), Some(raw.api_rate())).info("ratio reported"),
+        Row::new(
+            "creates/s admitted by the API server",
+            "/s",
+            Some(kab.api_rate()),
+            Some(raw.api_rate()),
+        )
+        .info("ratio reported"),
     );
     report.rows.push(
-        Row::new("create request p50", "ms", Some(percentile(&kab.create_ms, 50.0)), Some(percentile(&raw.create_ms, 50.0)))
-            .info("ratio reported"),
+        Row::new(
+            "create request p50",
+            "ms",
+            Some(percentile(&kab.create_ms, 50.0)),
+            Some(percentile(&raw.create_ms, 50.0)),
+        )
+        .info("ratio reported"),
     );
     report.rows.push(
-        Row::new("create request p99", "ms", Some(percentile(&kab.create_ms, 99.0)), Some(percentile(&raw.create_ms, 99.0)))
-            .info("ratio reported"),
+        Row::new(
+            "create request p99",
+            "ms",
+            Some(percentile(&kab.create_ms, 99.0)),
+            Some(percentile(&raw.create_ms, 99.0)),
+        )
+        .info("ratio reported"),
     );
     report.rows.push(
-        Row::new("create → delivery p50", "ms", Some(percentile(&kab.delivery_ms, 50.0)), None).info("from the create request sent"),
+        Row::new(
+            "create → delivery p50",
+            "ms",
+            Some(percentile(&kab.delivery_ms, 50.0)),
+            None,
+        )
+        .info("from the create request sent"),
     );
     report.rows.push(
-        Row::new("create → delivery p99", "ms", Some(percentile(&kab.delivery_ms, 99.0)), None).info("from the create request sent"),
+        Row::new(
+            "create → delivery p99",
+            "ms",
+            Some(percentile(&kab.delivery_ms, 99.0)),
+            None,
+        )
+        .info("from the create request sent"),
     );
     report.rows.push(
-        Row::new("create answered → delivery p50", "ms", Some(percentile(&kab.after_ack_ms, 50.0)), None).info("controller + broker only"),
+        Row::new(
+            "create answered → delivery p50",
+            "ms",
+            Some(percentile(&kab.after_ack_ms, 50.0)),
+            None,
+        )
+        .info("controller + broker only"),
     );
-    report.rows.push(Row::new("undelivered", "count", Some(kab.undelivered as f64), None).target("0", kab.undelivered == 0));
+    report.rows.push(
+        Row::new("undelivered", "count", Some(kab.undelivered as f64), None)
+            .target("0", kab.undelivered == 0),
+    );
     let per_entity = |cpu: &BTreeMap<String, f64>, n: usize| -> String {
         cpu.iter()
             .filter(|(_, v)| **v > 0.005)
@@ -408,7 +547,7 @@ pub async fn run() -> anyhow::Result<Report> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    report.note(format!(
+    report.note(String::from(
         "kab side: the stack of examples/todo.yaml minus the external rule and notify callback (rules unique-code, \
          code-immutable; webhook 2 replicas, failurePolicy Fail, reached through its Service; entity controller 1 \
          replica; Managed NATS JetStream broker, File storage), every pod a real process of the local runtime, \
@@ -420,11 +559,35 @@ pub async fn run() -> anyhow::Result<Report> {
          admin), each create a new spec.code; a kab round ends when every entity was delivered on `{subject}` \
          (core NATS subscription to the broker through its Service)"
     ));
-    report.note(format!("CPU per entity, kab rounds: {}", per_entity(&cpu_kab, kab.n)));
-    report.note(format!("CPU per entity, raw rounds: {}", per_entity(&cpu_raw, raw.n)));
-    let errors: Vec<String> = kab.errors.iter().chain(&raw.errors).take(5).cloned().collect();
+    report.note(format!(
+        "CPU per entity, kab rounds: {}",
+        per_entity(&cpu_kab, kab.n)
+    ));
+    report.note(format!(
+        "CPU per entity, raw rounds: {}",
+        per_entity(&cpu_raw, raw.n)
+    ));
+    report.note(format!(
+        "API writes per entity (audit log, every writer), kab rounds: {}",
+        writes_per_entity(&audit_kab, kab.n)
+    ));
+    report.note(format!(
+        "API writes per entity, raw rounds: {}",
+        writes_per_entity(&audit_raw, raw.n)
+    ));
+    let errors: Vec<String> = kab
+        .errors
+        .iter()
+        .chain(&raw.errors)
+        .take(5)
+        .cloned()
+        .collect();
     if !errors.is_empty() {
-        report.note(format!("create errors: {} (first: {:?})", kab.errors.len() + raw.errors.len(), errors));
+        report.note(format!(
+            "create errors: {} (first: {:?})",
+            kab.errors.len() + raw.errors.len(),
+            errors
+        ));
     }
     report.detail(
         "samples",

@@ -1057,4 +1057,3 @@ async fn an_idle_operator_makes_no_writes(ctx: Ctx) -> anyhow::Result<()> {
     );
     Ok(())
 }
-
