@@ -705,7 +705,7 @@ async fn apply_child(ctx: Arc<Ctx>, child: Child) -> Result<(), Error> {
             object: describe(child),
             source,
         })?;
-    let version = version_of(&child.resource.kind, &applied.metadata);
+    let version = version_of(&applied.metadata);
     ctx.applied
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -713,17 +713,13 @@ async fn apply_child(ctx: Arc<Ctx>, child: Child) -> Result<(), Error> {
     Ok(())
 }
 
-/// Kinds whose status churns (workloads, CRDs) are compared by generation; others by
-/// resourceVersion.
-fn version_of(
-    kind: &str,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> String {
-    match kind {
-        "Deployment" | "StatefulSet" | "CustomResourceDefinition" => {
-            format!("g{}", meta.generation.unwrap_or_default())
-        }
-        _ => format!("r{}", meta.resource_version.clone().unwrap_or_default()),
+/// What "the object changed under us" means: the generation where the API server keeps one
+/// (it moves only with the spec, so status churn — Deployments, StatefulSets, PDBs, CRDs — does
+/// not cause re-applies), the resourceVersion for kinds without one (ConfigMaps, Secrets, RBAC…).
+fn version_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    match meta.generation {
+        Some(g) => format!("g{g}"),
+        None => format!("r{}", meta.resource_version.clone().unwrap_or_default()),
     }
 }
 
@@ -734,7 +730,7 @@ fn observed_version(ctx: &Ctx, child: &Child) -> Option<String> {
         child.object.metadata.namespace.as_deref(),
         child.object.metadata.name.as_deref()?,
     )?;
-    Some(version_of(&child.resource.kind, &meta))
+    Some(version_of(&meta))
 }
 
 fn observed_meta(
@@ -1545,6 +1541,24 @@ mod tests {
         let msg = sharing_conflict(&c, &users).unwrap();
         assert!(msg.contains("KabStack a/todo"), "{msg}");
         assert!(msg.contains("todos.todo.example.com"));
+    }
+
+    #[test]
+    fn status_churn_does_not_count_as_a_change_but_spec_edits_do() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        let pdb = |generation, rv: &str| ObjectMeta {
+            generation: Some(generation),
+            resource_version: Some(rv.into()),
+            ..Default::default()
+        };
+        // A PDB whose status the disruption controller wrote: same generation, new resourceVersion.
+        assert_eq!(version_of(&pdb(1, "10")), version_of(&pdb(1, "11")));
+        assert_ne!(version_of(&pdb(1, "10")), version_of(&pdb(2, "12")));
+        let cm = |rv: &str| ObjectMeta {
+            resource_version: Some(rv.into()),
+            ..Default::default()
+        };
+        assert_ne!(version_of(&cm("10")), version_of(&cm("11")));
     }
 
     #[test]

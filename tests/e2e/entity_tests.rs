@@ -20,10 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail, ensure};
 use cloudevents::AttributesReader as _;
 use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kab::api::KabStack;
 use kab::plane::Process;
-use kab::render::{self, Facts, Settings, Step, Templates};
+use kab::render;
 use kube::ResourceExt as _;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
@@ -528,36 +527,7 @@ impl StackEnv {
             },
         }))?;
         kab::validate::validate(&stack).map_err(|e| anyhow!("invalid test stack: {e}"))?;
-        let rendered = render::render(
-            &Templates::embedded(),
-            &stack,
-            &Settings::default(),
-            &Facts::default(),
-        )?;
-        let client = ctx.client();
-        let params = PatchParams::apply("kab-e2e").force();
-        for child in rendered
-            .children
-            .iter()
-            .filter(|c| matches!(c.step, Step::Rbac | Step::EntityApi | Step::Config))
-        {
-            let api: Api<DynamicObject> = if child.namespaced {
-                Api::namespaced_with(client.clone(), ns, &child.resource)
-            } else {
-                Api::all_with(client.clone(), &child.resource)
-            };
-            api.patch(child.name(), &params, &Patch::Apply(&child.object))
-                .await
-                .with_context(|| format!("applying {} {}", child.kind(), child.name()))?;
-        }
-        let crds: Api<CustomResourceDefinition> = Api::all(client);
-        wait_for(
-            &crds,
-            &format!("{PLURAL}.{group}"),
-            kube::runtime::wait::conditions::is_crd_established(),
-            Duration::from_secs(30),
-        )
-        .await?;
+        let rendered = crate::support::apply_rbac_entity_api_and_config(ctx, ns, &stack).await?;
         let resource = ApiResource {
             group: group.clone(),
             version: "v1".into(),

@@ -29,13 +29,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kab::api::KabStack;
 use kab::certs::{Ca, Serving};
 use kab::plane::Process;
-use kab::render::{self, Facts, Settings, Step, Templates};
+use kab::render;
 use kab::webhook::claims::{LABEL_RULE, LeaseClaims, claim_name};
 use kab::webhook::{PROBE_ANNOTATION, PROBE_MESSAGE};
 use kube::ResourceExt as _;
@@ -44,7 +43,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 
-use crate::support::{Ctx, Test, e2e_tests, wait_deleted, wait_for};
+use crate::support::{Ctx, Test, e2e_tests, wait_deleted};
 
 pub fn tests() -> Vec<Test> {
     e2e_tests![
@@ -709,36 +708,7 @@ impl Env {
             },
         }))?;
         kab::validate::validate(&stack).map_err(|e| anyhow!("invalid test stack: {e}"))?;
-        let rendered = render::render(
-            &Templates::embedded(),
-            &stack,
-            &Settings::default(),
-            &Facts::default(),
-        )?;
-        let client = ctx.client();
-        let params = PatchParams::apply("kab-e2e").force();
-        for child in rendered
-            .children
-            .iter()
-            .filter(|c| matches!(c.step, Step::Rbac | Step::EntityApi | Step::Config))
-        {
-            let api: Api<DynamicObject> = if child.namespaced {
-                Api::namespaced_with(client.clone(), ns, &child.resource)
-            } else {
-                Api::all_with(client.clone(), &child.resource)
-            };
-            api.patch(child.name(), &params, &Patch::Apply(&child.object))
-                .await
-                .with_context(|| format!("applying {} {}", child.kind(), child.name()))?;
-        }
-        let crds: Api<CustomResourceDefinition> = Api::all(client);
-        wait_for(
-            &crds,
-            &format!("{PLURAL}.{group}"),
-            kube::runtime::wait::conditions::is_crd_established(),
-            Duration::from_secs(30),
-        )
-        .await?;
+        crate::support::apply_rbac_entity_api_and_config(ctx, ns, &stack).await?;
 
         let dir = tempfile::tempdir()?;
         std::fs::write(

@@ -33,10 +33,12 @@
 mod ctx;
 pub mod fixtures;
 mod runner;
+mod stack;
 mod wait;
 
 pub use ctx::Ctx;
 pub use runner::{Test, main, qualified_name};
+pub use stack::apply_rbac_entity_api_and_config;
 pub use wait::{wait_deleted, wait_for};
 
 /// `e2e_tests![a, b]`: a `Vec<Test>` of async fns named `module::a`, `module::b`.
