@@ -602,9 +602,15 @@ async fn kubectl_kab_status_works_as_a_plugin(ctx: Ctx) -> anyhow::Result<()> {
 }
 
 /// `script` gives the command a pty (`-e`: its exit status, `-f`: flush as it writes).
+///
+/// `script` runs the command with `$SHELL -c`; the command is `exec`ed so that no shell sits
+/// between the terminal and kab. A non-interactive dash (`/bin/sh` here, and `$SHELL` when it
+/// is unset) does not exec a lone command and dies of the terminal's SIGINT itself, which
+/// `script -e` reports as exit 130 even though kab stopped cleanly.
 fn in_a_pty(command: &str, plane_dir: &Path) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new("script");
-    cmd.args(["-qfec", command, "/dev/null"])
+    cmd.args(["-qfec", &format!("exec {command}"), "/dev/null"])
+        .env("SHELL", "/bin/sh")
         .env("KAB_PLANE_DIR", plane_dir)
         .env_remove("KUBECONFIG")
         .env_remove("NO_COLOR")
