@@ -39,6 +39,9 @@ use std::time::Duration;
 
 /// Finalizer on every KabStack: removes the cluster-scoped children (webhook registration first).
 pub const FINALIZER: &str = "kab.dev/cleanup";
+/// Progress-only status changes of a stack are written at most this often.
+const STATUS_PACE: Duration = Duration::from_secs(5);
+
 /// Field manager for the children rendered from templates.
 pub const MANAGER: &str = "kab-operator";
 /// Field manager for the webhook certificate Secrets.
@@ -152,6 +155,11 @@ struct Ctx {
     applied: Mutex<HashMap<String, Applied>>,
     failures: Mutex<HashMap<ObjectRef<KabStack>, u32>>,
     probes: Mutex<HashMap<ObjectRef<KabStack>, ProbeRecord>>,
+    prepared: Mutex<HashMap<ObjectRef<KabStack>, Arc<Prepared>>>,
+    /// When kab last wrote each stack's status (for pacing progress-only writes).
+    status_written: Mutex<HashMap<ObjectRef<KabStack>, std::time::Instant>>,
+    /// Per stack, the desired set (hash) of the last prune that found nothing failing.
+    pruned: Mutex<HashMap<ObjectRef<KabStack>, u64>>,
 }
 
 /// Runs the operator until `shutdown` resolves.
@@ -167,9 +175,15 @@ pub async fn run(
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=kab");
     let stack_pods = watcher::Config::default().labels(LABEL_STACK);
 
-    let controller = Controller::new(stacks_api, watcher::Config::default().any_semantic())
+    // KabStacks are cached without managedFields (a second copy of the spec's shape, per stack).
+    let (stacks, stacks_writer) = reflector::store();
+    let stack_stream = watcher(stacks_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|s: &mut KabStack| s.managed_fields_mut().clear())
+        .reflect(stacks_writer)
+        .applied_objects();
+    let controller = Controller::for_stream(stack_stream, stacks.clone())
         .with_config(ControllerConfig::default().concurrency(config.concurrency));
-    let stacks = controller.store();
 
     let (crds, crd_stream) = typed(
         Api::all(client.clone()),
@@ -252,6 +266,9 @@ pub async fn run(
         applied: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
         probes: Mutex::new(HashMap::new()),
+        prepared: Mutex::new(HashMap::new()),
+        status_written: Mutex::new(HashMap::new()),
+        pruned: Mutex::new(HashMap::new()),
     });
 
     let crd_stacks = stacks.clone();
@@ -356,24 +373,81 @@ async fn reconcile(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error>
         .namespace()
         .ok_or_else(|| Error::NoNamespace(stack.name_any()))?;
     let api: Api<KabStack> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, stack, |event| async {
-        match event {
-            FinalizerEvent::Apply(stack) => apply(stack, ctx.clone()).await,
-            FinalizerEvent::Cleanup(stack) => cleanup(stack, ctx.clone()).await,
-        }
-    })
-    .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
-    });
+    let result = if stack.metadata.deletion_timestamp.is_none()
+        && !stack.finalizers().iter().any(|f| f == FINALIZER)
+    {
+        // A new stack: add the finalizer and go on with the object it returns, rather than
+        // waiting for the watch to bring the change back for a second reconcile.
+        // The patch is in flight while the reconcile plans certificates and renders; it is
+        // awaited before the first write.
+        let gate = {
+            let (api, stack) = (api.clone(), stack.clone());
+            Gate(Some(tokio::spawn(async move {
+                add_finalizer(&api, &stack).await
+            })))
+        };
+        apply(stack, ctx.clone(), gate).await
+    } else {
+        finalizer(&api, FINALIZER, stack, |event| async {
+            match event {
+                FinalizerEvent::Apply(stack) => apply(stack, ctx.clone(), Gate(None)).await,
+                FinalizerEvent::Cleanup(stack) => cleanup(stack, ctx.clone()).await,
+            }
+        })
+        .await
+        .map_err(|e| match e {
+            kube::runtime::finalizer::Error::ApplyFailed(e)
+            | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+            other => Error::Finalizer(other.to_string()),
+        })
+    };
     ctx.metrics.observe_reconcile(
         start.elapsed(),
         result.as_ref().err().map(Error::metric_label),
     );
     ctx.metrics.set_phases(&ctx.stores.stacks.state());
     result
+}
+
+/// The finalizer patch of a new stack, in flight while its first reconcile computes; opened
+/// (awaited) before the first write.
+struct Gate(Option<tokio::task::JoinHandle<Result<KabStack, Error>>>);
+
+impl Gate {
+    async fn open(&mut self) -> Result<(), Error> {
+        if let Some(patch) = self.0.take() {
+            patch
+                .await
+                .map_err(|e| Error::Finalizer(format!("adding the finalizer: {e}")))??;
+        }
+        Ok(())
+    }
+}
+
+/// Adds kab's finalizer with a JSON patch that fails (to be retried) if the finalizer list changed
+/// since the stack was read, as kube's `finalizer` helper does; returns the patched stack.
+async fn add_finalizer(api: &Api<KabStack>, stack: &KabStack) -> Result<KabStack, Error> {
+    let name = stack.name_any();
+    let ops = if stack.finalizers().is_empty() {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
+    } else {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": stack.finalizers()},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ])
+    };
+    let patch: json_patch::Patch =
+        serde_json::from_value(ops).map_err(|e| Error::Finalizer(e.to_string()))?;
+    api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .map_err(|source| Error::Kube {
+            step: "add finalizer",
+            object: format!("KabStack {}/{name}", stack.namespace().unwrap_or_default()),
+            source,
+        })
 }
 
 fn error_policy(stack: Arc<KabStack>, error: &Error, ctx: Arc<Ctx>) -> Action {
@@ -395,6 +469,42 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_secs(secs.min(300))
 }
 
+/// What reconciles need of a rendered child, without keeping the object itself (a stack's
+/// rendered children weigh ~150 KiB; the outline a few hundred bytes).
+#[derive(Clone, Debug)]
+struct Outline {
+    step: Step,
+    kind: String,
+    namespace: Option<String>,
+    name: String,
+    namespaced: bool,
+    /// The `kab.dev/stack` and component labels, to find a workload's pods.
+    stack_label: Option<String>,
+    component: Option<String>,
+    /// `kind/namespace/name`, the key of the applied cache.
+    key: String,
+    /// Hash of the rendered object, compared with the last apply.
+    hash: u64,
+}
+
+impl Outline {
+    fn of(child: &Child) -> Self {
+        let labels = child.object.metadata.labels.as_ref();
+        let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
+        Outline {
+            step: child.step,
+            kind: child.resource.kind.clone(),
+            namespace: child.object.metadata.namespace.clone(),
+            name: child.name().to_owned(),
+            namespaced: child.namespaced,
+            stack_label: label(LABEL_STACK),
+            component: label("app.kubernetes.io/component"),
+            key: child_key(child),
+            hash: hash_object(&child.object),
+        }
+    }
+}
+
 fn child_key(c: &Child) -> String {
     format!(
         "{}/{}/{}",
@@ -414,7 +524,7 @@ fn hash_object(obj: &DynamicObject) -> u64 {
     h.finish()
 }
 
-async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, mut gate: Gate) -> Result<Action, Error> {
     let ns = stack
         .namespace()
         .ok_or_else(|| Error::NoNamespace(stack.name_any()))?;
@@ -424,6 +534,7 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let entity = Some(stack.spec.entity.crd_name());
 
     if stack.spec.paused {
+        gate.open().await?;
         let rows = observe_existing(&stack, &ctx);
         let cert = cert_facts(&stack, &ctx, now);
         write_status(
@@ -441,6 +552,7 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
 
     if let Err(errors) = validate::validate(&stack) {
         let outcome = Outcome::InvalidSpec(errors.to_string());
+        gate.open().await?;
         warn_once(&stack, &ctx, "InvalidSpec", &outcome).await;
         write_status(&stack, &ctx, &outcome, &[], None, entity, now).await?;
         return Ok(Action::await_change());
@@ -448,6 +560,7 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
 
     if let Some(message) = crd_conflict(&stack, &ctx).await? {
         let outcome = Outcome::Conflict(message);
+        gate.open().await?;
         warn_once(&stack, &ctx, "Conflict", &outcome).await;
         let rows = observe_existing(&stack, &ctx);
         write_status(&stack, &ctx, &outcome, &rows, None, entity, now).await?;
@@ -460,22 +573,26 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let dns = certs::webhook_dns_names(&names.webhook, &ns);
     let pki = pki_state(&ctx, &ns, &names);
     let action = certs::plan(now, &pki, &policy, &dns);
-    let pki = if matches!(action, certs::Action::Keep) {
-        pki
+    // A new or renewed PKI is rendered into the registration's caBundle right away and its
+    // Secrets are applied together with the other children (nothing reads them sooner).
+    let (pki, pki_changed) = if matches!(action, certs::Action::Keep) {
+        (pki, false)
     } else {
         let new =
             certs::execute(now, &pki, &policy, &dns, action).map_err(|e| Error::Certificates {
                 object: format!("KabStack {ns}/{name}"),
                 message: e.to_string(),
             })?;
-        apply_secrets(&stack, &ctx, &new, &names).await?;
-        new
+        (new, true)
     };
 
     let facts = Facts {
         ca_bundle_pem: Some(certs::ca_bundle(&pki)),
     };
-    let rendered = match render::render(&ctx.templates, &stack, &ctx.settings, &facts) {
+    let prepared = prepare(&stack, &ctx, &facts);
+    // Everything from here writes: the finalizer must be in place.
+    gate.open().await?;
+    let (prepared, fresh) = match prepared {
         Ok(r) => r,
         Err(e) => {
             let outcome = Outcome::RenderFailed(e.to_string());
@@ -493,32 +610,97 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .registrations
         .get(&ObjectRef::new(&names.registration))
         .is_some();
-    let todo: Vec<Child> = rendered
+    let needed: Vec<usize> = prepared
         .children
         .iter()
-        .filter(|c| c.step != Step::Registration || webhook_available || registered)
-        .cloned()
+        .enumerate()
+        .filter(|(_, c)| c.step != Step::Registration || webhook_available || registered)
+        .filter(|(_, c)| !applied_already(&ctx, c))
+        .map(|(i, _)| i)
         .collect();
-    let applies: Vec<_> = todo
-        .into_iter()
-        .map(|c| apply_child(ctx.clone(), c))
-        .collect();
-    let results: Vec<Result<(), Error>> = stream::iter(applies).buffer_unordered(8).collect().await;
-    let mut errors: Vec<Error> = results.into_iter().filter_map(Result::err).collect();
-    errors.extend(prune(&stack, &ctx, &rendered, &names).await);
+    // The objects themselves are not cached: rendered again when something is to be applied.
+    let rendered = match fresh {
+        Some(r) => Some(r),
+        None if needed.is_empty() => None,
+        None => match render::render(&ctx.templates, &stack, &ctx.settings, &facts) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let outcome = Outcome::RenderFailed(e.to_string());
+                warn_once(&stack, &ctx, "RenderFailed", &outcome).await;
+                write_status(&stack, &ctx, &outcome, &[], None, entity, now).await?;
+                return Ok(Action::await_change());
+            }
+        },
+    };
+    let applies: Vec<_> = match &rendered {
+        Some(r) if r.children.len() == prepared.children.len() => needed
+            .iter()
+            .map(|&i| {
+                let o = &prepared.children[i];
+                apply_child(ctx.clone(), r.children[i].clone(), o.key.clone(), o.hash)
+            })
+            .collect(),
+        Some(_) => {
+            // Rendering is deterministic; should it ever differ, start over from a fresh render.
+            tracing::warn!(stack = %format!("{ns}/{name}"), "a re-render differs from the cached outline; rendering afresh");
+            ctx.prepared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&ObjectRef::from_obj(stack.as_ref()));
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        None => Vec::new(),
+    };
+    let secrets = async {
+        if pki_changed {
+            apply_secrets(&stack, &ctx, &pki, &names).await
+        } else {
+            Ok(())
+        }
+    };
+    let children = stream::iter(applies).buffer_unordered(8).collect();
+    let (secrets, results): (_, Vec<Result<(), Error>>) = if pki_changed && registered {
+        // A rotation: the registration must trust the new CA before the webhook can be handed
+        // a certificate it signed, so the Secrets go after the children.
+        let results = children.await;
+        (secrets.await, results)
+    } else {
+        futures::join!(secrets, children)
+    };
+    let mut errors: Vec<Error> = secrets.err().into_iter().collect();
+    errors.extend(results.into_iter().filter_map(Result::err));
+    // Pruning scans every cache for the stack's labels: done when what is desired changed (and
+    // once per stack after a start), not on every reconcile.
+    let sref = ObjectRef::from_obj(stack.as_ref());
+    let pruned = ctx
+        .pruned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&sref)
+        == Some(&prepared.desired);
+    if !pruned {
+        let prune_errors = prune(&stack, &ctx, &prepared.children, &names).await;
+        if prune_errors.is_empty() && errors.is_empty() {
+            ctx.pruned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(sref, prepared.desired);
+        }
+        errors.extend(prune_errors);
+    }
 
     let outcome = match errors.first() {
         None => Outcome::Applied,
         Some(e) => Outcome::ApplyFailed(e.to_string()),
     };
-    let mut rows = observe(&stack, &ctx, &rendered, &names, webhook_available);
+    let mut rows = observe(&stack, &ctx, &prepared.children, &names, webhook_available);
     let mut probe_retry = false;
     if let Some(row) = admission_probe(&stack, &ctx, &names, webhook_available).await {
         probe_retry = !row.ready;
         rows.push(row);
     }
     let cert = cert_facts_from(&pki, &policy);
-    write_status(&stack, &ctx, &outcome, &rows, cert.as_ref(), entity, now).await?;
+    let deferred = write_status(&stack, &ctx, &outcome, &rows, cert.as_ref(), entity, now).await?;
     if let Some(e) = errors.into_iter().next() {
         warn_once(&stack, &ctx, "ApplyFailed", &outcome).await;
         return Err(e);
@@ -531,6 +713,9 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     // Wake up for the certificate renewal (or to probe again); otherwise the watches say when
     // something changed.
     let mut next = Duration::from_secs(if probe_retry { 10 } else { 600 });
+    if let Some(d) = deferred {
+        next = next.min(d);
+    }
     if let Some(c) = &cert {
         let until = c.renew_at.as_second() - now.as_second();
         if until > 0 {
@@ -670,24 +855,84 @@ async fn admission_probe(
     Some(row)
 }
 
-/// Applies one child with server-side apply, unless it is unchanged since kab last applied it.
-async fn apply_child(ctx: Arc<Ctx>, child: Child) -> Result<(), Error> {
-    let child = &child;
-    let key = child_key(child);
-    let hash = hash_object(&child.object);
-    let current = observed_version(&ctx, child);
-    let last = ctx
-        .applied
+/// A stack's children rendered for one (uid, generation, CA bundle), with what reconciles need
+/// of them precomputed: a stack is reconciled several times per change while its children
+/// become ready, and rendering (templates, YAML, typed checks) is most of a reconcile's CPU.
+struct Prepared {
+    key: u64,
+    children: Vec<Outline>,
+    /// Hash of the desired (kind, name) set, for pruning.
+    desired: u64,
+}
+
+/// The outlines of a stack's children for this (uid, generation, CA bundle), from the cache or
+/// rendered now (then the rendering is returned too, for the applies it is needed for).
+fn prepare(
+    stack: &KabStack,
+    ctx: &Ctx,
+    facts: &Facts,
+) -> Result<(Arc<Prepared>, Option<Rendered>), render::RenderError> {
+    let key = {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (
+            &stack.metadata.uid,
+            &stack.metadata.generation,
+            &facts.ca_bundle_pem,
+        )
+            .hash(&mut h);
+        h.finish()
+    };
+    let sref = ObjectRef::from_obj(stack);
+    let cacheable = stack.metadata.uid.is_some() && stack.metadata.generation.is_some();
+    if cacheable
+        && let Some(p) = ctx
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sref)
+        && p.key == key
+    {
+        return Ok((p.clone(), None));
+    }
+    let rendered = render::render(&ctx.templates, stack, &ctx.settings, facts)?;
+    let children: Vec<Outline> = rendered.children.iter().map(Outline::of).collect();
+    let desired = {
+        let mut set: Vec<&str> = children.iter().map(|c| c.key.as_str()).collect();
+        set.sort();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        set.hash(&mut h);
+        h.finish()
+    };
+    let prepared = Arc::new(Prepared {
+        key,
+        children,
+        desired,
+    });
+    if cacheable {
+        ctx.prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sref, prepared.clone());
+    }
+    Ok((prepared, Some(rendered)))
+}
+
+/// Whether the child is unchanged since kab last applied it (same rendered hash, and the object
+/// in the cache has the version that apply returned).
+fn applied_already(ctx: &Ctx, child: &Outline) -> bool {
+    let Some(current) = observed_version(ctx, child) else {
+        return false;
+    };
+    ctx.applied
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .get(&key)
-        .cloned();
-    if let (Some(last), Some(current)) = (&last, &current)
-        && last.hash == hash
-        && &last.version == current
-    {
-        return Ok(());
-    }
+        .get(&child.key)
+        .is_some_and(|last| last.hash == child.hash && last.version == current)
+}
+
+/// Applies one child with server-side apply.
+async fn apply_child(ctx: Arc<Ctx>, child: Child, key: String, hash: u64) -> Result<(), Error> {
+    let child = &child;
     let name = child.object.metadata.name.clone().unwrap_or_default();
     let api: Api<DynamicObject> = match (&child.object.metadata.namespace, child.namespaced) {
         (Some(ns), true) => Api::namespaced_with(ctx.client.clone(), ns, &child.resource),
@@ -723,13 +968,8 @@ fn version_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta)
     }
 }
 
-fn observed_version(ctx: &Ctx, child: &Child) -> Option<String> {
-    let meta = observed_meta(
-        ctx,
-        &child.resource.kind,
-        child.object.metadata.namespace.as_deref(),
-        child.object.metadata.name.as_deref()?,
-    )?;
+fn observed_version(ctx: &Ctx, child: &Outline) -> Option<String> {
+    let meta = observed_meta(ctx, &child.kind, child.namespace.as_deref(), &child.name)?;
     Some(version_of(&meta))
 }
 
@@ -809,14 +1049,9 @@ async fn apply_secrets(
     let mut labels = render::stack_labels(stack);
     labels.insert("app.kubernetes.io/component".into(), "webhook".into());
     let owner = stack.controller_owner_ref(&());
-    for (name, type_, data) in [
-        (&names.webhook_ca_secret, "Opaque", pki.ca_secret_data()),
-        (
-            &names.webhook_tls_secret,
-            "kubernetes.io/tls",
-            pki.tls_secret_data(),
-        ),
-    ] {
+    let one = |name: &String, type_: &str, data| {
+        let api = api.clone();
+        let name = name.clone();
         let secret = Secret {
             metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
                 name: Some(name.clone()),
@@ -832,19 +1067,31 @@ async fn apply_secrets(
         let mut value = serde_json::to_value(&secret).unwrap_or_default();
         value["apiVersion"] = "v1".into();
         value["kind"] = "Secret".into();
-        api.patch(
-            name,
-            &PatchParams::apply(MANAGER_CERTS).force(),
-            &Patch::Apply(&value),
-        )
-        .await
-        .map_err(|source| Error::Kube {
-            step: "apply certificates",
-            object: format!("Secret {ns}/{name}"),
-            source,
-        })?;
-    }
-    Ok(())
+        let object = format!("Secret {ns}/{name}");
+        async move {
+            api.patch(
+                &name,
+                &PatchParams::apply(MANAGER_CERTS).force(),
+                &Patch::Apply(&value),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Kube {
+                step: "apply certificates",
+                object,
+                source,
+            })
+        }
+    };
+    let (ca, tls) = futures::join!(
+        one(&names.webhook_ca_secret, "Opaque", pki.ca_secret_data()),
+        one(
+            &names.webhook_tls_secret,
+            "kubernetes.io/tls",
+            pki.tls_secret_data()
+        ),
+    );
+    ca.and(tls)
 }
 
 fn pki_state(ctx: &Ctx, ns: &str, names: &render::Names) -> PkiState {
@@ -976,20 +1223,14 @@ fn deployment_available(ctx: &Ctx, ns: &str, name: &str) -> bool {
 async fn prune(
     stack: &KabStack,
     ctx: &Ctx,
-    rendered: &Rendered,
+    children: &[Outline],
     names: &render::Names,
 ) -> Vec<Error> {
     let ns = stack.namespace().unwrap_or_default();
     let name = stack.name_any();
-    let mut desired: HashSet<(String, String)> = rendered
-        .children
+    let mut desired: HashSet<(String, String)> = children
         .iter()
-        .map(|c| {
-            (
-                c.resource.kind.clone(),
-                c.object.metadata.name.clone().unwrap_or_default(),
-            )
-        })
+        .map(|c| (c.kind.clone(), c.name.clone()))
         .collect();
     desired.insert(("Secret".into(), names.webhook_ca_secret.clone()));
     desired.insert(("Secret".into(), names.webhook_tls_secret.clone()));
@@ -1104,20 +1345,52 @@ async fn cleanup(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     } else if others == 0 {
         tracing::info!(crd = %crd_name, "keeping the entity CRD and its data (deletionPolicy Retain)");
     }
+    forget(&stack, &ctx);
     Ok(Action::await_change())
+}
+
+/// Drops what the operator remembers about a stack that is going away.
+fn forget(stack: &KabStack, ctx: &Ctx) {
+    let sref = ObjectRef::from_obj(stack);
+    let prepared = ctx
+        .prepared
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&sref);
+    if let Some(prepared) = prepared {
+        let mut applied = ctx.applied.lock().unwrap_or_else(|p| p.into_inner());
+        for child in &prepared.children {
+            applied.remove(&child.key);
+        }
+    }
+    ctx.pruned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&sref);
+    ctx.status_written
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&sref);
+    ctx.probes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&sref);
+    ctx.failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&sref);
 }
 
 /// Status rows for every desired child, from the watch caches.
 fn observe(
     stack: &KabStack,
     ctx: &Ctx,
-    rendered: &Rendered,
+    children: &[Outline],
     names: &render::Names,
     webhook_available: bool,
 ) -> Vec<Observed> {
     let ns = stack.namespace().unwrap_or_default();
-    let mut rows: Vec<Observed> = rendered
-        .children
+    let mut rows: Vec<Observed> = children
         .iter()
         .map(|c| observe_child(ctx, c, webhook_available))
         .collect();
@@ -1153,21 +1426,22 @@ fn observe_existing(stack: &KabStack, ctx: &Ctx) -> Vec<Observed> {
             let names = render::names(stack);
             let ns = stack.namespace().unwrap_or_default();
             let available = deployment_available(ctx, &ns, &names.webhook);
-            observe(stack, ctx, &r, &names, available)
+            let outlines: Vec<Outline> = r.children.iter().map(Outline::of).collect();
+            observe(stack, ctx, &outlines, &names, available)
         }
         Err(_) => Vec::new(),
     }
 }
 
-fn observe_child(ctx: &Ctx, child: &Child, webhook_available: bool) -> Observed {
-    let ns = child.object.metadata.namespace.clone().unwrap_or_default();
-    let name = child.object.metadata.name.clone().unwrap_or_default();
+fn observe_child(ctx: &Ctx, child: &Outline, webhook_available: bool) -> Observed {
+    let ns = child.namespace.clone().unwrap_or_default();
+    let name = child.name.clone();
     let display = if child.namespaced {
         format!("{ns}/{name}")
     } else {
         name.clone()
     };
-    let kind = child.resource.kind.clone();
+    let kind = child.kind.clone();
     let row = |ready: bool, failing: bool, message: String| Observed {
         step: child.step,
         kind: kind.clone(),
@@ -1222,14 +1496,15 @@ fn observe_child(ctx: &Ctx, child: &Child, webhook_available: bool) -> Observed 
         "Deployment" => match s.deployments.get(&ObjectRef::new(&name).within(&ns)) {
             None => row(false, false, "not created yet".into()),
             Some(d) => {
-                let (ready, failing, msg) = deployment_health(&d, &pods_of(ctx, &ns, child));
+                let (ready, failing, msg) = deployment_health_with(&d, || pods_of(ctx, &ns, child));
                 row(ready, failing, msg)
             }
         },
         "StatefulSet" => match s.statefulsets.get(&ObjectRef::new(&name).within(&ns)) {
             None => row(false, false, "not created yet".into()),
             Some(st) => {
-                let (ready, failing, msg) = statefulset_health(&st, &pods_of(ctx, &ns, child));
+                let (ready, failing, msg) =
+                    statefulset_health_with(&st, || pods_of(ctx, &ns, child));
                 row(ready, failing, msg)
             }
         },
@@ -1263,10 +1538,8 @@ fn observe_child(ctx: &Ctx, child: &Child, webhook_available: bool) -> Observed 
 }
 
 /// Pods of a workload child: the stack's pods with the same component label.
-fn pods_of(ctx: &Ctx, ns: &str, child: &Child) -> Vec<Arc<Pod>> {
-    let labels = child.object.metadata.labels.clone().unwrap_or_default();
-    let stack = labels.get(LABEL_STACK).cloned();
-    let component = labels.get("app.kubernetes.io/component").cloned();
+fn pods_of(ctx: &Ctx, ns: &str, child: &Outline) -> Vec<Arc<Pod>> {
+    let (stack, component) = (&child.stack_label, &child.component);
     ctx.stores
         .pods
         .state()
@@ -1343,6 +1616,14 @@ pub fn unscheduled_pod(pods: &[Arc<Pod>]) -> Option<String> {
 
 /// Pure: `(ready, failing, message)` of a Deployment and its pods.
 pub fn deployment_health(d: &Deployment, pods: &[Arc<Pod>]) -> (bool, bool, String) {
+    deployment_health_with(d, || pods.to_vec())
+}
+
+/// [`deployment_health`], listing the pods only when the Deployment is not ready.
+fn deployment_health_with(
+    d: &Deployment,
+    pods: impl FnOnce() -> Vec<Arc<Pod>>,
+) -> (bool, bool, String) {
     let desired = d.spec.replicas.unwrap_or(1);
     let st = d.status.clone().unwrap_or_default();
     let available = st.available_replicas.unwrap_or(0);
@@ -1357,6 +1638,8 @@ pub fn deployment_health(d: &Deployment, pods: &[Arc<Pod>]) -> (bool, bool, Stri
         c.type_.as_deref() == Some("Progressing")
             && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
     });
+    let pods = pods();
+    let pods = pods.as_slice();
     let failing_pod = failing_pod(pods);
     if let Some(p) = &failing_pod {
         msg.push_str(": ");
@@ -1374,6 +1657,14 @@ pub fn deployment_health(d: &Deployment, pods: &[Arc<Pod>]) -> (bool, bool, Stri
 
 /// Pure: `(ready, failing, message)` of a StatefulSet and its pods.
 pub fn statefulset_health(s: &StatefulSet, pods: &[Arc<Pod>]) -> (bool, bool, String) {
+    statefulset_health_with(s, || pods.to_vec())
+}
+
+/// [`statefulset_health`], listing the pods only when the StatefulSet is not ready.
+fn statefulset_health_with(
+    s: &StatefulSet,
+    pods: impl FnOnce() -> Vec<Arc<Pod>>,
+) -> (bool, bool, String) {
     let desired = s.spec.replicas.unwrap_or(1);
     let st = s.status.clone().unwrap_or_default();
     let ready_n = st.ready_replicas.unwrap_or(0);
@@ -1383,6 +1674,8 @@ pub fn statefulset_health(s: &StatefulSet, pods: &[Arc<Pod>]) -> (bool, bool, St
     if ready {
         return (true, false, msg);
     }
+    let pods = pods();
+    let pods = pods.as_slice();
     let failing_pod = failing_pod(pods);
     if let Some(p) = failing_pod
         .as_ref()
@@ -1395,6 +1688,11 @@ pub fn statefulset_health(s: &StatefulSet, pods: &[Arc<Pod>]) -> (bool, bool, St
     (false, failing_pod.is_some(), msg)
 }
 
+/// Writes the status computed from what was observed, unless it equals the stored one. Progress
+/// inside one rollout ([`status::progress_only`]) is written at most once per [`STATUS_PACE`]
+/// per stack: a stack's parts become ready one by one, and a status write per step would cost
+/// the API server more than the rollout itself at scale. Returns when to come back for such a
+/// deferred write.
 async fn write_status(
     stack: &KabStack,
     ctx: &Ctx,
@@ -1403,7 +1701,7 @@ async fn write_status(
     cert: Option<&CertFacts>,
     entity: Option<String>,
     now: Timestamp,
-) -> Result<(), Error> {
+) -> Result<Option<Duration>, Error> {
     let new = status::compute(&status::Input {
         stack,
         outcome,
@@ -1413,7 +1711,19 @@ async fn write_status(
         now,
     });
     if stack.status.as_ref() == Some(&new) {
-        return Ok(());
+        return Ok(None);
+    }
+    let sref = ObjectRef::from_obj(stack);
+    if let Some(old) = &stack.status
+        && status::progress_only(old, &new)
+        && let Some(last) = ctx
+            .status_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sref)
+        && last.elapsed() < STATUS_PACE
+    {
+        return Ok(Some(STATUS_PACE - last.elapsed()));
     }
     let ns = stack.namespace().unwrap_or_default();
     let name = stack.name_any();
@@ -1434,7 +1744,11 @@ async fn write_status(
         object: format!("KabStack {ns}/{name}"),
         source,
     })?;
-    Ok(())
+    ctx.status_written
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(sref, std::time::Instant::now());
+    Ok(None)
 }
 
 /// Publishes a Warning Event when the Reconciled condition is about to change to this message,

@@ -347,6 +347,20 @@ pub fn compute(input: &Input<'_>) -> KabStackStatus {
     }
 }
 
+/// Whether going from `old` to `new` only reports progress inside one rollout: the same
+/// generation, Progressing before and after, Ready False in both. Such a status may wait (the
+/// operator paces these writes); the first status of a generation, Ready, Degraded and Failed
+/// never wait.
+pub fn progress_only(old: &KabStackStatus, new: &KabStackStatus) -> bool {
+    let ready_false =
+        |s: &KabStackStatus| condition(s, "Ready").is_some_and(|c| c.status == "False");
+    old.observed_generation == new.observed_generation
+        && old.phase == Some(Phase::Progressing)
+        && new.phase == Some(Phase::Progressing)
+        && ready_false(old)
+        && ready_false(new)
+}
+
 fn to_condition(c: Cond, old: &[Condition], generation: Option<i64>, now: Timestamp) -> Condition {
     let status = if c.ok { "True" } else { "False" }.to_string();
     let last_transition_time = old
@@ -570,6 +584,39 @@ mod tests {
         assert_eq!(ctl.last_transition_time.0, later);
         let ent = condition(&changed, "EntityAPIReady").unwrap();
         assert_eq!(ent.last_transition_time.0, now());
+    }
+
+    #[test]
+    fn only_progress_inside_one_rollout_may_wait() {
+        let mut s = todo();
+        let mut rows = all_ready();
+        rows[3].ready = false;
+        rows[3].message = "0/1 available".into();
+        let first = compute_for(&s, Outcome::Applied, &rows, Some(&cert()), now());
+        assert_eq!(first.phase, Some(Phase::Progressing));
+        s.status = Some(first.clone());
+
+        rows[3].message = "0/1 available: rollout not observed yet".into();
+        let progress = compute_for(&s, Outcome::Applied, &rows, Some(&cert()), now());
+        assert!(
+            progress_only(&first, &progress),
+            "a new message within Progressing"
+        );
+
+        let ready = compute_for(&s, Outcome::Applied, &all_ready(), Some(&cert()), now());
+        assert!(!progress_only(&first, &ready), "Ready never waits");
+
+        rows[3].failing = true;
+        let degraded = compute_for(&s, Outcome::Applied, &rows, Some(&cert()), now());
+        assert_eq!(degraded.phase, Some(Phase::Degraded));
+        assert!(!progress_only(&first, &degraded), "Degraded never waits");
+
+        let mut next_generation = progress.clone();
+        next_generation.observed_generation = Some(first.observed_generation.unwrap_or(0) + 1);
+        assert!(
+            !progress_only(&first, &next_generation),
+            "the first status of a generation never waits"
+        );
     }
 
     #[test]

@@ -128,6 +128,11 @@ pub(super) fn build(
             "clientPodLabels": broker.client_pod_labels,
         },
         "registration": {
+            // CEL, evaluated by the API server only for writes of the entity resource.
+            "namespaceCondition": format!(
+                "request.namespace == {}",
+                Value::String(names.namespace.clone())
+            ),
             "hasCaBundle": facts.ca_bundle_pem.is_some(),
             "caBundle": facts
                 .ca_bundle_pem

@@ -296,19 +296,22 @@ fn registration_covers_the_entity_in_the_stack_namespace_only() {
     );
     let webhook = &registration.webhooks.unwrap()[0];
     assert_eq!(webhook.name, "todo.shop.kab.dev");
-    let selector = webhook.namespace_selector.clone().unwrap();
-    let expression = &selector.match_expressions.unwrap()[0];
+    // The namespace is a matchCondition, evaluated only after the rules matched an entity write;
+    // a namespaceSelector would be matched on every write in the cluster.
+    assert_eq!(webhook.namespace_selector, None);
+    let conditions = webhook.match_conditions.clone().unwrap();
     assert_eq!(
-        (
-            expression.key.as_str(),
-            expression.operator.as_str(),
-            expression.values.as_deref()
-        ),
-        (
-            "kubernetes.io/metadata.name",
-            "In",
-            Some(&["shop".to_owned()][..])
-        )
+        conditions
+            .iter()
+            .map(|c| (c.name.as_str(), c.expression.as_str()))
+            .collect::<Vec<_>>(),
+        [("in-stack-namespace", r#"request.namespace == "shop""#)]
+    );
+    assert_eq!(webhook.match_policy.as_deref(), Some("Exact"));
+    assert_eq!(
+        webhook.rules.clone().unwrap()[0].api_versions.as_deref(),
+        Some(&["*".to_owned()][..]),
+        "Exact matching covers every version only because the rule names them all"
     );
     let service = webhook.client_config.service.clone().unwrap();
     assert_eq!(
@@ -334,7 +337,6 @@ fn registration_covers_the_entity_in_the_stack_namespace_only() {
     assert_eq!(webhook.side_effects, "NoneOnDryRun");
     assert_eq!(webhook.failure_policy.as_deref(), Some("Fail"));
     assert_eq!(webhook.timeout_seconds, Some(5));
-    assert_eq!(webhook.match_policy.as_deref(), Some("Equivalent"));
 
     let without_ca = render_stack(&stack);
     let registration: ValidatingWebhookConfiguration = typed(

@@ -320,10 +320,18 @@ pub async fn start_plane(name: &str, fast_kcm: bool, policy: &str) -> anyhow::Re
     std::fs::write(&path, policy)?;
     let opts = PlaneOptions {
         fast_kcm,
-        apiserver_args: vec![
+        apiserver_args: [
             format!("--audit-policy-file={}", path.display()),
             "--audit-log-maxsize=0".into(),
-        ],
+        ]
+        .into_iter()
+        // Profiling only when a profile is asked for (see `PprofCapture`).
+        .chain(
+            std::env::var("KAB_BENCH_PPROF")
+                .is_ok()
+                .then(|| "--profiling=true".to_string()),
+        )
+        .collect(),
         startup_timeout: Duration::from_secs(300),
         ..PlaneOptions::default()
     };
@@ -810,5 +818,45 @@ pub async fn wait_until(
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+/// With `KAB_BENCH_PPROF=<seconds>`, captures a CPU profile of kube-apiserver for that long
+/// (`/debug/pprof/profile`, read with `go tool pprof`) into `target/bench/<name>.pprof`, in the
+/// background; the returned child is waited on by [`PprofCapture::finish`].
+pub struct PprofCapture {
+    child: Option<std::process::Child>,
+    path: PathBuf,
+}
+
+impl PprofCapture {
+    pub fn start(plane: &Plane, name: &str) -> Self {
+        let path = bench_dir().join(format!("{name}.pprof"));
+        let child = std::env::var("KAB_BENCH_PPROF")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .and_then(|secs| {
+                let file = std::fs::File::create(&path).ok()?;
+                Command::new(plane.bin("kubectl"))
+                    .args([
+                        "get",
+                        "--raw",
+                        &format!("/debug/pprof/profile?seconds={secs}"),
+                        "--request-timeout",
+                        &format!("{}s", secs + 60),
+                    ])
+                    .env("KUBECONFIG", plane.kubeconfig_path())
+                    .stdout(file)
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .ok()
+            });
+        PprofCapture { child, path }
+    }
+
+    /// Waits for the capture; the profile's path when one was taken.
+    pub fn finish(mut self) -> Option<PathBuf> {
+        let status = self.child.take()?.wait().ok()?;
+        status.success().then(|| self.path.clone())
     }
 }

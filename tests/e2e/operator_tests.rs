@@ -281,10 +281,20 @@ async fn todo_stack_becomes_ready_with_every_child(ctx: Ctx) -> anyhow::Result<(
             .is_some_and(|b| !b.0.is_empty()),
         "no caBundle"
     );
-    let selector = serde_json::to_string(&hook.namespace_selector)?;
+    let conditions: Vec<(&str, &str)> = hook
+        .match_conditions
+        .iter()
+        .flatten()
+        .map(|c| (c.name.as_str(), c.expression.as_str()))
+        .collect();
+    let want = format!("request.namespace == \"{ns}\"");
     ensure!(
-        selector.contains(&ns) && selector.contains("kubernetes.io/metadata.name"),
-        "namespaceSelector {selector}"
+        // The API server defaults the selector to {} (every namespace): the condition scopes it.
+        hook.namespace_selector.as_ref().is_none_or(|s| {
+            s.match_labels.as_ref().is_none_or(|l| l.is_empty())
+                && s.match_expressions.as_ref().is_none_or(|e| e.is_empty())
+        }) && conditions == [("in-stack-namespace", want.as_str())],
+        "the registration is not scoped to namespace {ns} by a matchCondition: {conditions:?}"
     );
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let tls = secrets.get("todo-webhook-tls").await?;

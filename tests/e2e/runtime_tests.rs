@@ -311,6 +311,38 @@ async fn the_real_webhook_denies_through_the_rendered_service(ctx: Ctx) -> anyho
         err.contains("denied the request"),
         "the denial must come from the admission webhook: {err}"
     );
+
+    // The registration's matchCondition scopes it to the stack's namespace: an entity write in
+    // another namespace never reaches the stack's webhook (which would admit it with a warning
+    // that it "was not validated": kubectl prints the API server's warnings on stderr).
+    let other = ctx.namespace("rt-webhook-other").await?;
+    let mut create = tokio::process::Command::new(ctx.bin("kubectl"));
+    create
+        .arg("--kubeconfig")
+        .arg(ctx.kubeconfig())
+        .args(["create", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = create.spawn()?;
+    if let Some(mut input) = child.stdin.take() {
+        use tokio::io::AsyncWriteExt as _;
+        input
+            .write_all(
+                format!(
+                    "apiVersion: {group}/v1\nkind: Todo\nmetadata: {{name: elsewhere, namespace: {other}}}\nspec: {{code: \"A-1\", message: hi}}\n"
+                )
+                .as_bytes(),
+            )
+            .await?;
+    }
+    let out = child.wait_with_output().await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && !stderr.contains("was not validated"),
+        "an entity write in namespace {other} reached the webhook of the stack in {ns}: {stderr}"
+    );
     Ok(())
 }
 
