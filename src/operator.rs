@@ -11,7 +11,7 @@ use crate::certs::{self, CertPolicy, PkiState};
 use crate::render::{self, Child, Facts, Rendered, Settings, Step, Templates};
 use crate::status::{self, CertFacts, Observed, Outcome};
 use crate::validate;
-use futures::{StreamExt, stream};
+use futures::{FutureExt, StreamExt, stream};
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
@@ -189,14 +189,19 @@ pub async fn run(
         Api::all(client.clone()),
         managed.clone(),
         |c: &mut CustomResourceDefinition| {
-            c.managed_fields_mut().clear();
+            trim_meta(&mut c.metadata);
+            // Status reads conditions and served versions, not schemas.
+            for v in &mut c.spec.versions {
+                v.schema = None;
+                v.additional_printer_columns = None;
+            }
         },
     );
     let (deployments, dep_stream) = typed(
         namespaced_or_all(&client, ns.as_deref()),
         managed.clone(),
         |d: &mut Deployment| {
-            d.managed_fields_mut().clear();
+            trim_meta(&mut d.metadata);
             d.spec.template = Default::default();
         },
     );
@@ -204,7 +209,7 @@ pub async fn run(
         namespaced_or_all(&client, ns.as_deref()),
         managed.clone(),
         |s: &mut StatefulSet| {
-            s.managed_fields_mut().clear();
+            trim_meta(&mut s.metadata);
             s.spec.template = Default::default();
             s.spec.volume_claim_templates = None;
         },
@@ -213,15 +218,31 @@ pub async fn run(
         namespaced_or_all(&client, ns.as_deref()),
         stack_pods,
         |p: &mut Pod| {
-            p.managed_fields_mut().clear();
+            trim_meta(&mut p.metadata);
             p.spec = None;
+            if let Some(st) = &mut p.status {
+                // Kept: phase, conditions, container states and restarts.
+                st.host_ip = None;
+                st.host_ips = None;
+                st.pod_ip = None;
+                st.pod_ips = None;
+                st.qos_class = None;
+                for cs in st.container_statuses.iter_mut().flatten() {
+                    cs.image = String::new();
+                    cs.image_id = String::new();
+                    cs.container_id = None;
+                    cs.volume_mounts = None;
+                    cs.resources = None;
+                    cs.allocated_resources = None;
+                }
+            }
         },
     );
     let (secrets, secret_stream) = typed(
         namespaced_or_all(&client, ns.as_deref()),
         managed.clone(),
         |s: &mut Secret| {
-            s.managed_fields_mut().clear();
+            trim_meta(&mut s.metadata);
         },
     );
     let (registrations, reg_stream) = meta(Api::all(client.clone()), managed.clone());
@@ -317,6 +338,25 @@ where
     }
 }
 
+/// What the operator reads of a cached child's metadata: name, namespace, generation,
+/// resourceVersion, deletion, and the labels that map it to its stack and component. The rest
+/// (annotations, owner references, managed fields, other labels) is dropped on arrival: with
+/// hundreds of stacks the caches are most of the operator's memory.
+fn trim_meta(m: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    m.managed_fields = None;
+    m.annotations = None;
+    m.owner_references = None;
+    m.finalizers = None;
+    m.generate_name = None;
+    m.creation_timestamp = None;
+    m.uid = None;
+    if let Some(labels) = &mut m.labels {
+        labels.retain(|k, _| {
+            k == LABEL_STACK || k == LABEL_STACK_NS || k == "app.kubernetes.io/component"
+        });
+    }
+}
+
 type WatchStream<K> = futures::stream::BoxStream<'static, Result<K, watcher::Error>>;
 
 /// A typed reflector whose cached objects are trimmed by `modify` (managedFields, pod templates).
@@ -352,7 +392,7 @@ where
     let (reader, writer) = reflector::store();
     let stream = watcher(api, config)
         .default_backoff()
-        .modify(|m: &mut PartialObjectMeta<K>| m.managed_fields_mut().clear())
+        .modify(|m: &mut PartialObjectMeta<K>| trim_meta(&mut m.metadata))
         .reflect(writer)
         .touched_objects()
         .boxed();
@@ -378,19 +418,16 @@ async fn reconcile(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error>
     {
         // A new stack: add the finalizer and go on with the object it returns, rather than
         // waiting for the watch to bring the change back for a second reconcile.
-        // The patch is in flight while the reconcile plans certificates and renders; it is
-        // awaited before the first write.
-        let gate = {
-            let (api, stack) = (api.clone(), stack.clone());
-            Gate(Some(tokio::spawn(async move {
-                add_finalizer(&api, &stack).await
-            })))
-        };
+        // The patch is in flight while the reconcile plans certificates and renders (see
+        // [`Gate`]).
+        let gate = Gate::add_finalizer(&api, &stack);
         apply(stack, ctx.clone(), gate).await
     } else {
         finalizer(&api, FINALIZER, stack, |event| async {
             match event {
-                FinalizerEvent::Apply(stack) => apply(stack, ctx.clone(), Gate(None)).await,
+                FinalizerEvent::Apply(stack) => {
+                    apply(stack, ctx.clone(), Gate::open_already()).await
+                }
                 FinalizerEvent::Cleanup(stack) => cleanup(stack, ctx.clone()).await,
             }
         })
@@ -409,18 +446,41 @@ async fn reconcile(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error>
     result
 }
 
-/// The finalizer patch of a new stack, in flight while its first reconcile computes; opened
-/// (awaited) before the first write.
-struct Gate(Option<tokio::task::JoinHandle<Result<KabStack, Error>>>);
+type GateFuture = futures::future::Shared<futures::future::BoxFuture<'static, Result<(), String>>>;
+
+/// The finalizer patch of a new stack, in flight while its first reconcile computes. The
+/// finalizer exists for what garbage collection cannot remove (the cluster-scoped entity CRD and
+/// webhook registration): those writes, status and pruning open (await) the gate first, while the
+/// namespaced children, owned by the stack, are applied at once.
+#[derive(Clone)]
+struct Gate(Option<GateFuture>);
 
 impl Gate {
-    async fn open(&mut self) -> Result<(), Error> {
-        if let Some(patch) = self.0.take() {
-            patch
-                .await
-                .map_err(|e| Error::Finalizer(format!("adding the finalizer: {e}")))??;
+    fn open_already() -> Self {
+        Gate(None)
+    }
+
+    fn add_finalizer(api: &Api<KabStack>, stack: &Arc<KabStack>) -> Self {
+        let (api, stack) = (api.clone(), stack.clone());
+        let patch = tokio::spawn(async move { add_finalizer(&api, &stack).await });
+        Gate(Some(
+            async move {
+                match patch.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(format!("adding the finalizer: {e}")),
+                }
+            }
+            .boxed()
+            .shared(),
+        ))
+    }
+
+    async fn open(&self) -> Result<(), Error> {
+        match &self.0 {
+            None => Ok(()),
+            Some(patch) => patch.clone().await.map_err(Error::Finalizer),
         }
-        Ok(())
     }
 }
 
@@ -524,7 +584,7 @@ fn hash_object(obj: &DynamicObject) -> u64 {
     h.finish()
 }
 
-async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, mut gate: Gate) -> Result<Action, Error> {
+async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, gate: Gate) -> Result<Action, Error> {
     let ns = stack
         .namespace()
         .ok_or_else(|| Error::NoNamespace(stack.name_any()))?;
@@ -589,13 +649,11 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, mut gate: Gate) -> Result<Ac
     let facts = Facts {
         ca_bundle_pem: Some(certs::ca_bundle(&pki)),
     };
-    let prepared = prepare(&stack, &ctx, &facts);
-    // Everything from here writes: the finalizer must be in place.
-    gate.open().await?;
-    let (prepared, fresh) = match prepared {
+    let (prepared, fresh) = match prepare(&stack, &ctx, &facts) {
         Ok(r) => r,
         Err(e) => {
             let outcome = Outcome::RenderFailed(e.to_string());
+            gate.open().await?;
             warn_once(&stack, &ctx, "RenderFailed", &outcome).await;
             write_status(&stack, &ctx, &outcome, &[], None, entity, now).await?;
             return Ok(Action::await_change());
@@ -626,6 +684,7 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, mut gate: Gate) -> Result<Ac
             Ok(r) => Some(r),
             Err(e) => {
                 let outcome = Outcome::RenderFailed(e.to_string());
+                gate.open().await?;
                 warn_once(&stack, &ctx, "RenderFailed", &outcome).await;
                 write_status(&stack, &ctx, &outcome, &[], None, entity, now).await?;
                 return Ok(Action::await_change());
@@ -637,7 +696,17 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, mut gate: Gate) -> Result<Ac
             .iter()
             .map(|&i| {
                 let o = &prepared.children[i];
-                apply_child(ctx.clone(), r.children[i].clone(), o.key.clone(), o.hash)
+                let apply = apply_child(ctx.clone(), r.children[i].clone(), o.key.clone(), o.hash);
+                if o.namespaced {
+                    apply.boxed()
+                } else {
+                    let gate = gate.clone();
+                    async move {
+                        gate.open().await?;
+                        apply.await
+                    }
+                    .boxed()
+                }
             })
             .collect(),
         Some(_) => {
@@ -667,6 +736,7 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, mut gate: Gate) -> Result<Ac
     } else {
         futures::join!(secrets, children)
     };
+    gate.open().await?;
     let mut errors: Vec<Error> = secrets.err().into_iter().collect();
     errors.extend(results.into_iter().filter_map(Result::err));
     // Pruning scans every cache for the stack's labels: done when what is desired changed (and

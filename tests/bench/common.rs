@@ -420,7 +420,18 @@ pub async fn start_operator(plane: &Plane, extra: &[&str]) -> anyhow::Result<Ope
         ],
     )?;
     let port = kab::plane::free_port()?;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kab"));
+    // `KAB_BENCH_OPERATOR_WRAPPER="heaptrack -o /tmp/kab-operator"` runs the operator under a
+    // profiler (a diagnostic run: the bench's figures then include the wrapper's cost).
+    let wrapper = std::env::var("KAB_BENCH_OPERATOR_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(env!("CARGO_BIN_EXE_kab"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_kab")),
+    };
     // The arguments of the shipped Deployment (`kab install --print`), then the bench's.
     cmd.args(["operator", "--leader-elect", "--log-format", "json"])
         .args(["--lease-namespace", kab::install::NAMESPACE])
