@@ -513,7 +513,7 @@ async fn add_finalizer(api: &Api<KabStack>, stack: &KabStack) -> Result<KabStack
 fn error_policy(stack: Arc<KabStack>, error: &Error, ctx: Arc<Ctx>) -> Action {
     let key = ObjectRef::from_obj(stack.as_ref());
     let n = {
-        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failures = lock(&ctx.failures);
         let n = failures.entry(key).or_insert(0);
         *n = n.saturating_add(1);
         *n
@@ -651,13 +651,7 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, gate: Gate) -> Result<Action
     };
     let (prepared, fresh) = match prepare(&stack, &ctx, &facts) {
         Ok(r) => r,
-        Err(e) => {
-            let outcome = Outcome::RenderFailed(e.to_string());
-            gate.open().await?;
-            warn_once(&stack, &ctx, "RenderFailed", &outcome).await;
-            write_status(&stack, &ctx, &outcome, &[], None, entity, now).await?;
-            return Ok(Action::await_change());
-        }
+        Err(e) => return render_failed(&stack, &ctx, &gate, &e, entity, now).await,
     };
 
     // Everything but the registration at once; the registration once the webhook serves, so a
@@ -682,13 +676,7 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, gate: Gate) -> Result<Action
         None if needed.is_empty() => None,
         None => match render::render(&ctx.templates, &stack, &ctx.settings, &facts) {
             Ok(r) => Some(r),
-            Err(e) => {
-                let outcome = Outcome::RenderFailed(e.to_string());
-                gate.open().await?;
-                warn_once(&stack, &ctx, "RenderFailed", &outcome).await;
-                write_status(&stack, &ctx, &outcome, &[], None, entity, now).await?;
-                return Ok(Action::await_change());
-            }
+            Err(e) => return render_failed(&stack, &ctx, &gate, &e, entity, now).await,
         },
     };
     let applies: Vec<_> = match &rendered {
@@ -712,10 +700,7 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, gate: Gate) -> Result<Action
         Some(_) => {
             // Rendering is deterministic; should it ever differ, start over from a fresh render.
             tracing::warn!(stack = %format!("{ns}/{name}"), "a re-render differs from the cached outline; rendering afresh");
-            ctx.prepared
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&ObjectRef::from_obj(stack.as_ref()));
+            lock(&ctx.prepared).remove(&ObjectRef::from_obj(stack.as_ref()));
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
         None => Vec::new(),
@@ -742,19 +727,11 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, gate: Gate) -> Result<Action
     // Pruning scans every cache for the stack's labels: done when what is desired changed (and
     // once per stack after a start), not on every reconcile.
     let sref = ObjectRef::from_obj(stack.as_ref());
-    let pruned = ctx
-        .pruned
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&sref)
-        == Some(&prepared.desired);
+    let pruned = lock(&ctx.pruned).get(&sref) == Some(&prepared.desired);
     if !pruned {
         let prune_errors = prune(&stack, &ctx, &prepared.children, &names).await;
         if prune_errors.is_empty() && errors.is_empty() {
-            ctx.pruned
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(sref, prepared.desired);
+            lock(&ctx.pruned).insert(sref, prepared.desired);
         }
         errors.extend(prune_errors);
     }
@@ -775,10 +752,7 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, gate: Gate) -> Result<Action
         warn_once(&stack, &ctx, "ApplyFailed", &outcome).await;
         return Err(e);
     }
-    ctx.failures
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&ObjectRef::from_obj(stack.as_ref()));
+    lock(&ctx.failures).remove(&ObjectRef::from_obj(stack.as_ref()));
 
     // Wake up for the certificate renewal (or to probe again); otherwise the watches say when
     // something changed.
@@ -795,6 +769,23 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, gate: Gate) -> Result<Action
         }
     }
     Ok(Action::requeue(next))
+}
+
+/// A stack whose templates do not render: a `RenderFailed` condition and a Warning Event; the
+/// stack is looked at again when it (or the templates, with a restart) change.
+async fn render_failed(
+    stack: &KabStack,
+    ctx: &Ctx,
+    gate: &Gate,
+    e: &render::RenderError,
+    entity: Option<String>,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    let outcome = Outcome::RenderFailed(e.to_string());
+    gate.open().await?;
+    warn_once(stack, ctx, "RenderFailed", &outcome).await;
+    write_status(stack, ctx, &outcome, &[], None, entity, now).await?;
+    Ok(Action::await_change())
 }
 
 /// The last admission probe of a stack: what it was sent for and what it found.
@@ -843,12 +834,7 @@ async fn admission_probe(
             .unwrap_or_default(),
     );
     let sref = ObjectRef::from_obj(stack);
-    let last = ctx
-        .probes
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&sref)
-        .cloned();
+    let last = lock(&ctx.probes).get(&sref).cloned();
     if let Some(last) = &last
         && last.key == key
         && last.row.ready
@@ -914,7 +900,7 @@ async fn admission_probe(
         failing: false,
         message,
     };
-    ctx.probes.lock().unwrap_or_else(|p| p.into_inner()).insert(
+    lock(&ctx.probes).insert(
         sref,
         ProbeRecord {
             key,
@@ -955,11 +941,7 @@ fn prepare(
     let sref = ObjectRef::from_obj(stack);
     let cacheable = stack.metadata.uid.is_some() && stack.metadata.generation.is_some();
     if cacheable
-        && let Some(p) = ctx
-            .prepared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&sref)
+        && let Some(p) = lock(&ctx.prepared).get(&sref)
         && p.key == key
     {
         return Ok((p.clone(), None));
@@ -979,10 +961,7 @@ fn prepare(
         desired,
     });
     if cacheable {
-        ctx.prepared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(sref, prepared.clone());
+        lock(&ctx.prepared).insert(sref, prepared.clone());
     }
     Ok((prepared, Some(rendered)))
 }
@@ -993,9 +972,7 @@ fn applied_already(ctx: &Ctx, child: &Outline) -> bool {
     let Some(current) = observed_version(ctx, child) else {
         return false;
     };
-    ctx.applied
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    lock(&ctx.applied)
         .get(&child.key)
         .is_some_and(|last| last.hash == child.hash && last.version == current)
 }
@@ -1021,10 +998,7 @@ async fn apply_child(ctx: Arc<Ctx>, child: Child, key: String, hash: u64) -> Res
             source,
         })?;
     let version = version_of(&applied.metadata);
-    ctx.applied
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key, Applied { hash, version });
+    lock(&ctx.applied).insert(key, Applied { hash, version });
     Ok(())
 }
 
@@ -1419,36 +1393,26 @@ async fn cleanup(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
+/// Locks a mutex of the operator's memory; a panic elsewhere while it was held leaves data
+/// that is still consistent enough to read (plain maps), so poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Drops what the operator remembers about a stack that is going away.
 fn forget(stack: &KabStack, ctx: &Ctx) {
     let sref = ObjectRef::from_obj(stack);
-    let prepared = ctx
-        .prepared
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&sref);
+    let prepared = lock(&ctx.prepared).remove(&sref);
     if let Some(prepared) = prepared {
-        let mut applied = ctx.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let mut applied = lock(&ctx.applied);
         for child in &prepared.children {
             applied.remove(&child.key);
         }
     }
-    ctx.pruned
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&sref);
-    ctx.status_written
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&sref);
-    ctx.probes
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&sref);
-    ctx.failures
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&sref);
+    lock(&ctx.pruned).remove(&sref);
+    lock(&ctx.status_written).remove(&sref);
+    lock(&ctx.probes).remove(&sref);
+    lock(&ctx.failures).remove(&sref);
 }
 
 /// Status rows for every desired child, from the watch caches.
@@ -1786,11 +1750,7 @@ async fn write_status(
     let sref = ObjectRef::from_obj(stack);
     if let Some(old) = &stack.status
         && status::progress_only(old, &new)
-        && let Some(last) = ctx
-            .status_written
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&sref)
+        && let Some(last) = lock(&ctx.status_written).get(&sref)
         && last.elapsed() < STATUS_PACE
     {
         return Ok(Some(STATUS_PACE - last.elapsed()));
@@ -1814,10 +1774,7 @@ async fn write_status(
         object: format!("KabStack {ns}/{name}"),
         source,
     })?;
-    ctx.status_written
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(sref, std::time::Instant::now());
+    lock(&ctx.status_written).insert(sref, std::time::Instant::now());
     Ok(None)
 }
 
