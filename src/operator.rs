@@ -421,6 +421,9 @@ async fn reconcile(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error>
         // The patch is in flight while the reconcile plans certificates and renders (see
         // [`Gate`]).
         let gate = Gate::add_finalizer(&api, &stack);
+        // A task spawned from a worker waits in that worker's LIFO slot until the spawner
+        // yields: yield once, so the patch is sent before the CPU-bound planning starts.
+        tokio::task::yield_now().await;
         apply(stack, ctx.clone(), gate).await
     } else {
         finalizer(&api, FINALIZER, stack, |event| async {
