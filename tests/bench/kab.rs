@@ -12,7 +12,7 @@ mod webhook;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo bench --bench kab -- <operator|webhook|pipeline|all>";
+const USAGE: &str = "usage: cargo bench --bench kab -- <operator|webhook|pipeline|all|planning>";
 
 fn main() -> ExitCode {
     // cargo passes `--bench`; flags are ignored, the first word names the benchmark.
@@ -23,6 +23,15 @@ fn main() -> ExitCode {
     // The baseline server of the webhook benchmark runs as a child process of this binary.
     if words.first().map(String::as_str) == Some(fixed_allow::SUBCOMMAND) {
         return fixed_allow::main(&words[1..]);
+    }
+    if words.first().map(String::as_str) == Some("planning") {
+        return match operator::planning() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("planning: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let which = words
         .first()

@@ -1491,3 +1491,39 @@ async fn p2_kab(
         procs,
     })
 }
+
+/// `cargo bench --bench kab -- planning`: the CPU a new stack's first reconcile spends before its
+/// first write (certificate issuance, render), averaged over many runs; no control plane.
+pub fn planning() -> anyhow::Result<()> {
+    let s = stack("shop", KAB_GROUP)?;
+    let templates = Templates::embedded();
+    let policy = CertPolicy {
+        validity: Duration::from_secs(2160 * 3600),
+        renew_before: Duration::from_secs(720 * 3600),
+    };
+    let dns = certs::webhook_dns_names("todo-webhook", "shop");
+    let n = 200;
+    let t = Instant::now();
+    let mut pki = PkiState::default();
+    for _ in 0..n {
+        let now = Timestamp::now();
+        let action = certs::plan(now, &PkiState::default(), &policy, &dns);
+        pki = certs::execute(now, &PkiState::default(), &policy, &dns, action)?;
+    }
+    let certs_ms = t.elapsed().as_secs_f64() * 1000.0 / n as f64;
+    let facts = Facts {
+        ca_bundle_pem: Some(certs::ca_bundle(&pki)),
+    };
+    let t = Instant::now();
+    let mut children = 0;
+    for _ in 0..n {
+        children = render::render(&templates, &s, &settings(), &facts)?
+            .children
+            .len();
+    }
+    let render_ms = t.elapsed().as_secs_f64() * 1000.0 / n as f64;
+    println!(
+        "planning: certificates (CA + serving) {certs_ms:.2} ms, render ({children} children) {render_ms:.2} ms, per new stack"
+    );
+    Ok(())
+}
