@@ -421,7 +421,8 @@ pub async fn start_operator(plane: &Plane, extra: &[&str]) -> anyhow::Result<Ope
     )?;
     let port = kab::plane::free_port()?;
     // `KAB_BENCH_OPERATOR_WRAPPER="heaptrack -o /tmp/kab-operator"` runs the operator under a
-    // profiler (a diagnostic run: the bench's figures then include the wrapper's cost).
+    // profiler (a diagnostic run: the bench's figures then include the wrapper's cost; the
+    // operator is then a grandchild, out of PDEATHSIG's reach: it outlives a killed bench).
     let wrapper = std::env::var("KAB_BENCH_OPERATOR_WRAPPER").unwrap_or_default();
     let mut words = wrapper.split_whitespace();
     let mut cmd = match words.next() {
