@@ -35,8 +35,8 @@ use kube::runtime::wait::await_condition;
 use serde::Deserialize;
 use serde_json::json;
 
-pub use components::STORAGE_CLASS;
 use components::{APISERVER, CONTROLLER_MANAGER, ETCD, KWOK, Layout, Ports, SCHEDULER};
+pub use components::{AUDIT_POLICY, STORAGE_CLASS};
 pub use pki::{Ca, CertPair};
 pub use ports::free_port;
 pub use process::{Process, log_tail, rss_kib, spawn as spawn_process};
@@ -256,6 +256,34 @@ impl Plane {
     /// `https://127.0.0.1:<port>`.
     pub fn server_url(&self) -> &str {
         &self.server
+    }
+
+    /// Runs the plane's `kubectl` with the admin kubeconfig, `stdin` fed to it (e.g. `apply -f
+    /// -`); its stdout, or an error with its stderr.
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> anyhow::Result<String> {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(self.bin("kubectl"))
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig_path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting kubectl")?;
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(stdin.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Path of a built binary, e.g. `kubectl` or `nats-server` (see

@@ -299,18 +299,6 @@ pub async fn bench_client(plane: &Plane) -> anyhow::Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
-/// Audit policy of the other benchmarks: every write, by anyone (as the plane's own policy).
-pub const AUDIT_WRITES: &str = "\
-apiVersion: audit.k8s.io/v1
-kind: Policy
-omitStages:
-- RequestReceived
-rules:
-- level: Metadata
-  verbs: [create, update, patch, delete, deletecollection]
-- level: None
-";
-
 /// Starts a plane for benchmark `name` with audit `policy` (never rotated, so that the bench
 /// reads every event). `fast_kcm` lifts KCM's and the scheduler's client limits.
 pub async fn start_plane(name: &str, fast_kcm: bool, policy: &str) -> anyhow::Result<Plane> {
@@ -388,8 +376,7 @@ pub async fn start_operator(plane: &Plane, extra: &[&str]) -> anyhow::Result<Ope
         .filter(|d| d["kind"] != "Deployment")
         .collect();
     let yaml = serde_saphyr::to_string_multiple(&kept)?;
-    kubectl_stdin(
-        plane,
+    plane.kubectl_stdin(
         &[
             "apply",
             "--server-side",
@@ -461,32 +448,6 @@ pub async fn start_operator(plane: &Plane, extra: &[&str]) -> anyhow::Result<Ope
         process,
         metrics_port: port,
     })
-}
-
-pub fn kubectl_stdin(plane: &Plane, args: &[&str], stdin: &str) -> anyhow::Result<String> {
-    use std::io::Write as _;
-    let mut child = Command::new(plane.bin("kubectl"))
-        .args(args)
-        .env("KUBECONFIG", plane.kubeconfig_path())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("starting kubectl")?;
-    child
-        .stdin
-        .take()
-        .context("kubectl stdin")?
-        .write_all(stdin.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -51,6 +51,29 @@ fn relevant(ns: Option<String>) -> Option<String> {
     }
 }
 
+/// Watches `api` for the observer: `on` sees every object as it arrives (listed or changed);
+/// the end of the initial list counts towards "every watch has listed".
+fn follow<K>(
+    obs: Arc<Observer>,
+    api: Api<K>,
+    on: impl Fn(&Observer, &K) + Send + 'static,
+) -> tokio::task::JoinHandle<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    tokio::spawn(async move {
+        let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(Event::Apply(o) | Event::InitApply(o)) => on(&obs, &o),
+                Ok(Event::InitDone) => obs.mark_synced(),
+                _ => {}
+            }
+        }
+    })
+}
+
 impl Observer {
     /// Starts one watch per resource of `plain` (existence only; metadata-only watches), plus
     /// Deployments, StatefulSets, CustomResourceDefinitions and KabStacks (readiness); waits
@@ -70,115 +93,64 @@ impl Observer {
         });
         let mut tasks = Vec::new();
         for ar in plain {
-            let o = obs.clone();
             let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(client.clone(), &ar);
             let kind = ar.kind.clone();
-            tasks.push(tokio::spawn(async move {
-                let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
-                futures::pin_mut!(stream);
-                while let Some(ev) = stream.next().await {
-                    match ev {
-                        Ok(Event::Apply(m) | Event::InitApply(m)) => {
-                            if let Some(ns) = relevant(m.metadata.namespace.clone()) {
-                                let name = m.metadata.name.clone().unwrap_or_default();
-                                o.seen(&kind, &ns, &name, true);
-                            }
-                        }
-                        Ok(Event::InitDone) => o.mark_synced(),
-                        _ => {}
-                    }
+            tasks.push(follow(obs.clone(), api, move |o, m| {
+                if let Some(ns) = relevant(m.metadata.namespace.clone()) {
+                    let name = m.metadata.name.clone().unwrap_or_default();
+                    o.seen(&kind, &ns, &name, true);
                 }
             }));
         }
-        {
-            let o = obs.clone();
-            let api: Api<Deployment> = Api::all(client.clone());
-            tasks.push(tokio::spawn(async move {
-                let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
-                futures::pin_mut!(stream);
-                while let Some(ev) = stream.next().await {
-                    match ev {
-                        Ok(Event::Apply(d) | Event::InitApply(d)) => {
-                            if let Some(ns) = relevant(d.namespace()) {
-                                let ready = kab::operator::deployment_health(&d, &[]).0;
-                                let name = d.name_any();
-                                let first = o.seen("Deployment", &ns, &name, ready);
-                                if first && name == o.webhook_deployment {
-                                    o.tell_available(&ns);
-                                }
-                            }
-                        }
-                        Ok(Event::InitDone) => o.mark_synced(),
-                        _ => {}
+        tasks.push(follow(
+            obs.clone(),
+            Api::<Deployment>::all(client.clone()),
+            |o, d| {
+                if let Some(ns) = relevant(d.namespace()) {
+                    let ready = kab::operator::deployment_health(d, &[]).0;
+                    let name = d.name_any();
+                    let first = o.seen("Deployment", &ns, &name, ready);
+                    if first && name == o.webhook_deployment {
+                        o.tell_available(&ns);
                     }
                 }
-            }));
-        }
-        {
-            let o = obs.clone();
-            let api: Api<StatefulSet> = Api::all(client.clone());
-            tasks.push(tokio::spawn(async move {
-                let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
-                futures::pin_mut!(stream);
-                while let Some(ev) = stream.next().await {
-                    match ev {
-                        Ok(Event::Apply(s) | Event::InitApply(s)) => {
-                            if let Some(ns) = relevant(s.namespace()) {
-                                let ready = kab::operator::statefulset_health(&s, &[]).0;
-                                o.seen("StatefulSet", &ns, &s.name_any(), ready);
-                            }
-                        }
-                        Ok(Event::InitDone) => o.mark_synced(),
-                        _ => {}
-                    }
+            },
+        ));
+        tasks.push(follow(
+            obs.clone(),
+            Api::<StatefulSet>::all(client.clone()),
+            |o, s| {
+                if let Some(ns) = relevant(s.namespace()) {
+                    let ready = kab::operator::statefulset_health(s, &[]).0;
+                    o.seen("StatefulSet", &ns, &s.name_any(), ready);
                 }
-            }));
-        }
-        {
-            let o = obs.clone();
-            let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-            tasks.push(tokio::spawn(async move {
-                let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
-                futures::pin_mut!(stream);
-                while let Some(ev) = stream.next().await {
-                    match ev {
-                        Ok(Event::Apply(c) | Event::InitApply(c)) => {
-                            let established = c
-                                .status
-                                .as_ref()
-                                .and_then(|s| s.conditions.as_ref())
-                                .is_some_and(|cs| {
-                                    cs.iter()
-                                        .any(|c| c.type_ == "Established" && c.status == "True")
-                                });
-                            o.seen("CustomResourceDefinition", "", &c.name_any(), established);
-                        }
-                        Ok(Event::InitDone) => o.mark_synced(),
-                        _ => {}
-                    }
+            },
+        ));
+        tasks.push(follow(
+            obs.clone(),
+            Api::<CustomResourceDefinition>::all(client.clone()),
+            |o, c| {
+                let established = c
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    });
+                o.seen("CustomResourceDefinition", "", &c.name_any(), established);
+            },
+        ));
+        tasks.push(follow(
+            obs.clone(),
+            Api::<KabStack>::all(client.clone()),
+            |o, s| {
+                if let Some(ns) = relevant(s.namespace()) {
+                    let ready = kab::operator::ready(s.status.as_ref());
+                    o.seen("KabStack", &ns, &s.name_any(), ready);
                 }
-            }));
-        }
-        {
-            let o = obs.clone();
-            let api: Api<KabStack> = Api::all(client.clone());
-            tasks.push(tokio::spawn(async move {
-                let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
-                futures::pin_mut!(stream);
-                while let Some(ev) = stream.next().await {
-                    match ev {
-                        Ok(Event::Apply(s) | Event::InitApply(s)) => {
-                            if let Some(ns) = relevant(s.namespace()) {
-                                let ready = kab::operator::ready(s.status.as_ref());
-                                o.seen("KabStack", &ns, &s.name_any(), ready);
-                            }
-                        }
-                        Ok(Event::InitDone) => o.mark_synced(),
-                        _ => {}
-                    }
-                }
-            }));
-        }
+            },
+        ));
         *obs.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         let o = obs.clone();
         crate::common::wait_until(

@@ -271,7 +271,7 @@ pub async fn run() -> anyhow::Result<Report> {
         "raw CRD",
     );
 
-    let plane = Arc::new(common::start_plane("pipeline", true, common::AUDIT_WRITES).await?);
+    let plane = Arc::new(common::start_plane("pipeline", true, kab::plane::AUDIT_POLICY).await?);
     let client = common::bench_client(&plane).await?;
     let operator = common::start_operator(&plane, &[]).await?;
     let identity: kab::runtime::IdentityFn = {

@@ -282,7 +282,7 @@ pub async fn run() -> anyhow::Result<Report> {
         "fixed-allow",
     );
 
-    let plane = common::start_plane("webhook", false, common::AUDIT_WRITES).await?;
+    let plane = common::start_plane("webhook", false, kab::plane::AUDIT_POLICY).await?;
     let client = common::bench_client(&plane).await?;
     common::create_namespaces(&client, &[NS.to_string()], &Default::default(), 1).await?;
 

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Context as _, anyhow, bail, ensure};
+use anyhow::{Context as _, anyhow, ensure};
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret, Service};
@@ -79,8 +79,7 @@ pub async fn operator(ctx: &Ctx) -> anyhow::Result<std::sync::Arc<Operator>> {
             .filter(|d| d["kind"] != "Deployment")
             .collect();
         let yaml = serde_saphyr::to_string_multiple(&kept)?;
-        kubectl_stdin(
-            &plane,
+        plane.kubectl_stdin(
             &[
                 "apply",
                 "--server-side",
@@ -126,32 +125,6 @@ pub async fn operator(ctx: &Ctx) -> anyhow::Result<std::sync::Arc<Operator>> {
         })
     })
     .await
-}
-
-fn kubectl_stdin(plane: &Plane, args: &[&str], stdin: &str) -> anyhow::Result<String> {
-    use std::io::Write as _;
-    let mut child = Command::new(plane.bin("kubectl"))
-        .args(args)
-        .env("KUBECONFIG", plane.kubeconfig_path())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("starting kubectl")?;
-    child
-        .stdin
-        .take()
-        .context("kubectl stdin")?
-        .write_all(stdin.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `examples/todo.yaml` in namespace `ns`, with an entity group of its own so that tests do not
