@@ -35,6 +35,35 @@ const CHILD_PARALLELISM: usize = 8;
 /// Key of the CPU the rest of the machine used meanwhile (other people's work: noise).
 const OTHERS: &str = "other processes on the machine";
 
+/// CPU seconds per process over one phase (the plane's components and `extra`), plus what the
+/// rest of the machine used meanwhile ([`OTHERS`]), to spot a disturbed run.
+struct PhaseCpu {
+    extra: Vec<(&'static str, u32)>,
+    procs0: BTreeMap<String, f64>,
+    busy0: f64,
+}
+
+impl PhaseCpu {
+    fn start(plane: &kab::plane::Plane, extra: Vec<(&'static str, u32)>) -> Self {
+        PhaseCpu {
+            procs0: common::cpu_by_process(plane, &extra),
+            busy0: common::machine_busy_seconds(),
+            extra,
+        }
+    }
+
+    fn stop(self, plane: &kab::plane::Plane) -> BTreeMap<String, f64> {
+        let mut procs =
+            common::cpu_delta(&self.procs0, &common::cpu_by_process(plane, &self.extra));
+        let ours: f64 = procs.values().sum();
+        procs.insert(
+            OTHERS.into(),
+            common::machine_busy_seconds() - self.busy0 - ours,
+        );
+        procs
+    }
+}
+
 /// CPU seconds of ours (plane, operator, bench) in a phase.
 fn ours(procs: &BTreeMap<String, f64>) -> f64 {
     procs
@@ -1254,11 +1283,10 @@ async fn p2_floor(
         work.push((s.ns, s.objects));
     }
     let cpu0 = common::cpu_seconds(std::process::id()).unwrap_or(0.0);
-    let procs0 = common::cpu_by_process(
+    let phase_cpu = PhaseCpu::start(
         plane,
-        &[("bench (floor client + watches)", std::process::id())],
+        vec![("bench (floor client + watches)", std::process::id())],
     );
-    let busy0 = common::machine_busy_seconds();
     eprintln!(
         "bench operator: P2 floor: {} stacks, {writes} POSTs",
         work.len()
@@ -1281,33 +1309,14 @@ async fn p2_floor(
     .await;
     creating.await??;
     let bench_cpu = common::cpu_seconds(std::process::id()).unwrap_or(0.0) - cpu0;
-    let mut procs = common::cpu_delta(
-        &procs0,
-        &common::cpu_by_process(
-            plane,
-            &[("bench (floor client + watches)", std::process::id())],
-        ),
-    );
-    let ours_now: f64 = procs.values().sum();
-    procs.insert(
-        OTHERS.into(),
-        common::machine_busy_seconds() - busy0 - ours_now,
-    );
+    let procs = phase_cpu.stop(plane);
     let ready: Vec<f64> = exps
         .iter()
         .filter_map(|e| all_ready_at(obs, e, t0))
         .map(|d| d.as_secs_f64())
         .collect();
-    let applied: Vec<Duration> = exps.iter().filter_map(|e| applied_at(obs, e, t0)).collect();
-    let not_ready = exps.len() - ready.len();
-    if let Err(e) = &waited {
-        eprintln!("bench operator: P2 floor: {e:#} ({not_ready} not ready)");
-    }
-    let all_ready = waited
-        .is_ok()
-        .then(|| Duration::from_secs_f64(ready.iter().copied().fold(0.0, f64::max)));
-    let all_applied =
-        (applied.len() == exps.len()).then(|| applied.iter().copied().max().unwrap_or_default());
+    let (all_ready, all_applied, not_ready) =
+        phase_end("P2 floor", &waited, &ready, obs, &exps, t0);
     eprintln!(
         "bench operator: P2 floor: all ready in {:?}, all applied in {:?}",
         all_ready, all_applied
@@ -1338,6 +1347,29 @@ struct KabP2 {
     reconciles: f64,
     create_took: Duration,
     procs: BTreeMap<String, f64>,
+}
+
+/// The end of a P2 phase: when the last stack became ready (if all did in time), when the last
+/// child was applied (if all were), and how many stacks never became ready.
+fn phase_end(
+    label: &str,
+    waited: &anyhow::Result<()>,
+    ready: &[f64],
+    obs: &Observer,
+    exps: &[Vec<(Key, bool)>],
+    t0: Instant,
+) -> (Option<Duration>, Option<Duration>, usize) {
+    let applied: Vec<Duration> = exps.iter().filter_map(|e| applied_at(obs, e, t0)).collect();
+    let not_ready = exps.len() - ready.len();
+    if let Err(e) = waited {
+        eprintln!("bench operator: {label}: {e:#} ({not_ready} not ready)");
+    }
+    let all_ready = waited
+        .is_ok()
+        .then(|| Duration::from_secs_f64(ready.iter().copied().fold(0.0, f64::max)));
+    let all_applied =
+        (applied.len() == exps.len()).then(|| applied.iter().copied().max().unwrap_or_default());
+    (all_ready, all_applied, not_ready)
 }
 
 /// Deletes the floor's webhook registrations once its P2 phase is measured: the API server
@@ -1380,11 +1412,10 @@ async fn p2_kab(
     let rss = common::RssSampler::start(pid);
     let cpu0 = common::cpu_seconds(pid).unwrap_or(0.0);
     let me = std::process::id();
-    let procs0 = common::cpu_by_process(
+    let phase_cpu = PhaseCpu::start(
         plane,
-        &[("kab operator", pid), ("bench (client + watches)", me)],
+        vec![("kab operator", pid), ("bench (client + watches)", me)],
     );
-    let busy0 = common::machine_busy_seconds();
     let pprof = common::PprofCapture::start(plane, "apiserver-p2-kab");
     eprintln!(
         "bench operator: P2 kab: creating {} KabStacks",
@@ -1423,18 +1454,7 @@ async fn p2_kab(
     )
     .await;
     let cpu_seconds = common::cpu_seconds(pid).unwrap_or(0.0) - cpu0;
-    let mut procs = common::cpu_delta(
-        &procs0,
-        &common::cpu_by_process(
-            plane,
-            &[("kab operator", pid), ("bench (client + watches)", me)],
-        ),
-    );
-    let ours_now: f64 = procs.values().sum();
-    procs.insert(
-        OTHERS.into(),
-        common::machine_busy_seconds() - busy0 - ours_now,
-    );
+    let procs = phase_cpu.stop(plane);
     let peak_rss_mib = rss.stop();
     if let Some(path) = pprof.finish() {
         eprintln!(
@@ -1460,16 +1480,7 @@ async fn p2_kab(
         .filter_map(|ns| stack_ready_at(obs, ns, t0))
         .map(|d| d.as_secs_f64())
         .collect();
-    let applied: Vec<Duration> = exps.iter().filter_map(|e| applied_at(obs, e, t0)).collect();
-    let not_ready = namespaces.len() - ready.len();
-    if let Err(e) = &waited {
-        eprintln!("bench operator: P2 kab: {e:#} ({not_ready} not ready)");
-    }
-    let all_ready = waited
-        .is_ok()
-        .then(|| Duration::from_secs_f64(ready.iter().copied().fold(0.0, f64::max)));
-    let all_applied =
-        (applied.len() == exps.len()).then(|| applied.iter().copied().max().unwrap_or_default());
+    let (all_ready, all_applied, not_ready) = phase_end("P2 kab", &waited, &ready, obs, &exps, t0);
     eprintln!(
         "bench operator: P2 kab: all Ready in {all_ready:?}, all applied in {all_applied:?}, peak RSS {peak_rss_mib:.1} MiB, CPU {cpu_seconds:.1} s, {} requests",
         ops.len()
