@@ -8,10 +8,11 @@
 
 use crate::api::{KabStack, KabStackStatus};
 use crate::certs::{self, CertPolicy, PkiState};
+use crate::index::{Index, Summarize, version_of};
 use crate::render::{self, Child, Facts, Rendered, Settings, Step, Templates};
 use crate::status::{self, CertFacts, Observed, Outcome};
 use crate::validate;
-use futures::{FutureExt, StreamExt, stream};
+use futures::{FutureExt, StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
@@ -52,6 +53,20 @@ pub const MANAGER_STATUS: &str = "kab-operator-status";
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by=kab";
 const LABEL_STACK: &str = "kab.dev/stack";
 const LABEL_STACK_NS: &str = "kab.dev/stack-namespace";
+const REGISTRATION: &str = "ValidatingWebhookConfiguration";
+/// The kinds of children kept in the [`Index`] that prune deletes when no longer desired.
+const PRUNED_KINDS: [&str; 10] = [
+    "Deployment",
+    "StatefulSet",
+    REGISTRATION,
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ConfigMap",
+    "Service",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+];
 
 /// Operator settings.
 #[derive(Clone, Debug)]
@@ -119,23 +134,14 @@ impl Error {
     }
 }
 
-/// Reflector stores of everything the operator reads.
+/// Everything the operator reads: reflector stores for the objects it reads whole (stacks,
+/// entity CRDs, certificate Secrets), the [`Index`] for every other child and the pods.
 #[derive(Clone)]
 struct Stores {
     stacks: Store<KabStack>,
     crds: Store<CustomResourceDefinition>,
-    deployments: Store<Deployment>,
-    statefulsets: Store<StatefulSet>,
-    pods: Store<Pod>,
     secrets: Store<Secret>,
-    registrations: Store<PartialObjectMeta<ValidatingWebhookConfiguration>>,
-    service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
-    roles: Store<PartialObjectMeta<Role>>,
-    role_bindings: Store<PartialObjectMeta<RoleBinding>>,
-    config_maps: Store<PartialObjectMeta<ConfigMap>>,
-    services: Store<PartialObjectMeta<Service>>,
-    pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
-    network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
+    index: Arc<Index>,
 }
 
 /// What kab last applied to a child, and the version of the object it produced.
@@ -197,46 +203,24 @@ pub async fn run(
             }
         },
     );
-    let (deployments, dep_stream) = typed(
-        namespaced_or_all(&client, ns.as_deref()),
-        managed.clone(),
-        |d: &mut Deployment| {
-            trim_meta(&mut d.metadata);
-            d.spec.template = Default::default();
-        },
+    let index = Arc::new(Index::default());
+    let dep_stream = indexed(
+        watcher(
+            namespaced_or_all::<Deployment>(&client, ns.as_deref()),
+            managed.clone(),
+        ),
+        &index,
     );
-    let (statefulsets, sts_stream) = typed(
-        namespaced_or_all(&client, ns.as_deref()),
-        managed.clone(),
-        |s: &mut StatefulSet| {
-            trim_meta(&mut s.metadata);
-            s.spec.template = Default::default();
-            s.spec.volume_claim_templates = None;
-        },
+    let sts_stream = indexed(
+        watcher(
+            namespaced_or_all::<StatefulSet>(&client, ns.as_deref()),
+            managed.clone(),
+        ),
+        &index,
     );
-    let (pods, pod_stream) = typed(
-        namespaced_or_all(&client, ns.as_deref()),
-        stack_pods,
-        |p: &mut Pod| {
-            trim_meta(&mut p.metadata);
-            p.spec = None;
-            if let Some(st) = &mut p.status {
-                // Kept: phase, conditions, container states and restarts.
-                st.host_ip = None;
-                st.host_ips = None;
-                st.pod_ip = None;
-                st.pod_ips = None;
-                st.qos_class = None;
-                for cs in st.container_statuses.iter_mut().flatten() {
-                    cs.image = String::new();
-                    cs.image_id = String::new();
-                    cs.container_id = None;
-                    cs.volume_mounts = None;
-                    cs.resources = None;
-                    cs.allocated_resources = None;
-                }
-            }
-        },
+    let pod_stream = indexed(
+        watcher(namespaced_or_all::<Pod>(&client, ns.as_deref()), stack_pods),
+        &index,
     );
     let (secrets, secret_stream) = typed(
         namespaced_or_all(&client, ns.as_deref()),
@@ -245,33 +229,30 @@ pub async fn run(
             trim_meta(&mut s.metadata);
         },
     );
-    let (registrations, reg_stream) = meta(Api::all(client.clone()), managed.clone());
-    let (service_accounts, sa_stream) =
-        meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
-    let (roles, role_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
-    let (role_bindings, rb_stream) =
-        meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
-    let (config_maps, cm_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
-    let (services, svc_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
-    let (pdbs, pdb_stream) = meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
-    let (network_policies, np_stream) =
-        meta(namespaced_or_all(&client, ns.as_deref()), managed.clone());
+    // The other children by metadata only (`Api<PartialObjectMeta<_>>` asks for no bodies).
+    macro_rules! meta {
+        ($kind:ty, $api:expr) => {{
+            let api: Api<PartialObjectMeta<$kind>> = $api;
+            indexed(watcher(api, managed.clone()), &index)
+        }};
+    }
+    let reg_stream = meta!(ValidatingWebhookConfiguration, Api::all(client.clone()));
+    let sa_stream = meta!(ServiceAccount, namespaced_or_all(&client, ns.as_deref()));
+    let role_stream = meta!(Role, namespaced_or_all(&client, ns.as_deref()));
+    let rb_stream = meta!(RoleBinding, namespaced_or_all(&client, ns.as_deref()));
+    let cm_stream = meta!(ConfigMap, namespaced_or_all(&client, ns.as_deref()));
+    let svc_stream = meta!(Service, namespaced_or_all(&client, ns.as_deref()));
+    let pdb_stream = meta!(
+        PodDisruptionBudget,
+        namespaced_or_all(&client, ns.as_deref())
+    );
+    let np_stream = meta!(NetworkPolicy, namespaced_or_all(&client, ns.as_deref()));
 
     let stores = Stores {
         stacks: stacks.clone(),
         crds,
-        deployments,
-        statefulsets,
-        pods,
         secrets,
-        registrations,
-        service_accounts,
-        roles,
-        role_bindings,
-        config_maps,
-        services,
-        pdbs,
-        network_policies,
+        index,
     };
     let reporter = Reporter {
         controller: "kab-operator".into(),
@@ -340,8 +321,9 @@ where
 
 /// What the operator reads of a cached child's metadata: name, namespace, generation,
 /// resourceVersion, deletion, and the labels that map it to its stack and component. The rest
-/// (annotations, owner references, managed fields, other labels) is dropped on arrival: with
-/// hundreds of stacks the caches are most of the operator's memory.
+/// (annotations, owner references, managed fields, other labels) is dropped on arrival (for the
+/// objects cached whole: stacks' CRDs and certificate Secrets; other children are in the
+/// [`Index`]).
 fn trim_meta(m: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
     m.managed_fields = None;
     m.annotations = None;
@@ -378,25 +360,24 @@ where
     (reader, stream)
 }
 
-/// A metadata-only reflector, for children whose body status does not read.
-fn meta<K>(
-    api: Api<PartialObjectMeta<K>>,
-    config: watcher::Config,
-) -> (
-    Store<PartialObjectMeta<K>>,
-    WatchStream<PartialObjectMeta<K>>,
-)
+/// A child watch that keeps the [`Index`] up to date and passes the touched objects on (to be
+/// mapped to their stacks), dropping them after.
+fn indexed<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    index: &Arc<Index>,
+) -> WatchStream<K>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Summarize + Clone + Debug + Send + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, config)
+    let index = index.clone();
+    events
         .default_backoff()
-        .modify(|m: &mut PartialObjectMeta<K>| trim_meta(&mut m.metadata))
-        .reflect(writer)
+        .map_ok(move |event| {
+            index.apply(&event);
+            event
+        })
         .touched_objects()
-        .boxed();
-    (reader, stream)
+        .boxed()
 }
 
 /// Maps a labelled child back to its stack.
@@ -662,9 +643,8 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, gate: Gate) -> Result<Action
     let webhook_available = deployment_available(&ctx, &ns, &names.webhook);
     let registered = ctx
         .stores
-        .registrations
-        .get(&ObjectRef::new(&names.registration))
-        .is_some();
+        .index
+        .exists(REGISTRATION, None, &names.registration);
     let needed: Vec<usize> = prepared
         .children
         .iter()
@@ -811,17 +791,14 @@ async fn admission_probe(
 ) -> Option<Observed> {
     ctx.settings.operator_service_account.as_ref()?;
     let ns = stack.namespace()?;
-    let reg = ctx
+    let registration = ctx
         .stores
-        .registrations
-        .get(&ObjectRef::new(&names.registration))?;
+        .index
+        .version(REGISTRATION, None, &names.registration)?;
     if !webhook_available {
         return None;
     }
-    let dep = ctx
-        .stores
-        .deployments
-        .get(&ObjectRef::new(&names.webhook).within(&ns))?;
+    let dep = ctx.stores.index.deployment(&ns, &names.webhook)?;
     let tls = ctx
         .stores
         .secrets
@@ -832,7 +809,7 @@ async fn admission_probe(
         st.observed_generation.unwrap_or_default(),
         st.available_replicas.unwrap_or_default(),
         st.updated_replicas.unwrap_or_default(),
-        reg.metadata.resource_version.clone().unwrap_or_default(),
+        registration,
         tls.and_then(|t| t.metadata.resource_version.clone())
             .unwrap_or_default(),
     );
@@ -1005,54 +982,24 @@ async fn apply_child(ctx: Arc<Ctx>, child: Child, key: String, hash: u64) -> Res
     Ok(())
 }
 
-/// What "the object changed under us" means: the generation where the API server keeps one
-/// (it moves only with the spec, so status churn — Deployments, StatefulSets, PDBs, CRDs — does
-/// not cause re-applies), the resourceVersion for kinds without one (ConfigMaps, Secrets, RBAC…).
-fn version_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    match meta.generation {
-        Some(g) => format!("g{g}"),
-        None => format!("r{}", meta.resource_version.clone().unwrap_or_default()),
-    }
-}
-
 fn observed_version(ctx: &Ctx, child: &Outline) -> Option<String> {
-    let meta = observed_meta(ctx, &child.kind, child.namespace.as_deref(), &child.name)?;
-    Some(version_of(&meta))
+    observed(ctx, &child.kind, child.namespace.as_deref(), &child.name)
 }
 
-fn observed_meta(
-    ctx: &Ctx,
-    kind: &str,
-    ns: Option<&str>,
-    name: &str,
-) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> {
-    fn get<K: Resource<DynamicType = ()> + Clone>(
-        store: &Store<K>,
-        ns: Option<&str>,
-        name: &str,
-    ) -> Option<K> {
-        let r = match ns {
-            Some(ns) => ObjectRef::new(name).within(ns),
-            None => ObjectRef::new(name),
-        };
-        store.get(&r).map(|o| o.as_ref().clone())
-    }
+/// The version (see [`version_of`]) of a child kab watches, if it is there.
+fn observed(ctx: &Ctx, kind: &str, ns: Option<&str>, name: &str) -> Option<String> {
     let s = &ctx.stores;
-    Some(match kind {
-        "CustomResourceDefinition" => get(&s.crds, None, name)?.metadata,
-        "Deployment" => get(&s.deployments, ns, name)?.metadata,
-        "StatefulSet" => get(&s.statefulsets, ns, name)?.metadata,
-        "Secret" => get(&s.secrets, ns, name)?.metadata,
-        "ValidatingWebhookConfiguration" => get(&s.registrations, None, name)?.metadata,
-        "ServiceAccount" => get(&s.service_accounts, ns, name)?.metadata,
-        "Role" => get(&s.roles, ns, name)?.metadata,
-        "RoleBinding" => get(&s.role_bindings, ns, name)?.metadata,
-        "ConfigMap" => get(&s.config_maps, ns, name)?.metadata,
-        "Service" => get(&s.services, ns, name)?.metadata,
-        "PodDisruptionBudget" => get(&s.pdbs, ns, name)?.metadata,
-        "NetworkPolicy" => get(&s.network_policies, ns, name)?.metadata,
-        _ => return None,
-    })
+    match kind {
+        "CustomResourceDefinition" => s
+            .crds
+            .get(&ObjectRef::new(name))
+            .map(|o| version_of(&o.metadata)),
+        "Secret" => s
+            .secrets
+            .get(&ObjectRef::new(name).within(ns?))
+            .map(|o| version_of(&o.metadata)),
+        other => s.index.version(other, ns, name),
+    }
 }
 
 fn step_name(step: Step) -> &'static str {
@@ -1259,8 +1206,8 @@ pub fn sharing_conflict(stack: &KabStack, users: &[Arc<KabStack>]) -> Option<Str
 
 fn deployment_available(ctx: &Ctx, ns: &str, name: &str) -> bool {
     ctx.stores
-        .deployments
-        .get(&ObjectRef::new(name).within(ns))
+        .index
+        .deployment(ns, name)
         .and_then(|d| d.status.as_ref().and_then(|s| s.available_replicas))
         .unwrap_or(0)
         >= 1
@@ -1282,41 +1229,32 @@ async fn prune(
     desired.insert(("Secret".into(), names.webhook_ca_secret.clone()));
     desired.insert(("Secret".into(), names.webhook_tls_secret.clone()));
 
-    let mine = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, cluster: bool| {
-        let l = m.labels.as_ref();
-        l.and_then(|l| l.get(LABEL_STACK)) == Some(&name)
-            && l.and_then(|l| l.get(LABEL_STACK_NS)) == Some(&ns)
-            && (cluster || m.namespace.as_deref() == Some(ns.as_str()))
+    // Namespaced children count only in the stack's namespace; the registration is cluster-wide.
+    let in_place = |kind: &str, obj_ns: &Option<String>| {
+        kind == REGISTRATION || obj_ns.as_deref() == Some(ns.as_str())
     };
-    let mut doomed: Vec<(String, Option<String>, String)> = Vec::new();
-    let s = &ctx.stores;
-    macro_rules! collect {
-        ($store:expr, $kind:expr, $cluster:expr) => {
-            for o in $store.state() {
-                let m = &o.metadata;
-                if mine(m, $cluster)
-                    && !desired.contains(&($kind.to_string(), m.name.clone().unwrap_or_default()))
-                {
-                    doomed.push((
-                        $kind.to_string(),
-                        m.namespace.clone(),
-                        m.name.clone().unwrap_or_default(),
-                    ));
-                }
-            }
-        };
+    let mut doomed: Vec<(String, Option<String>, String)> = ctx
+        .stores
+        .index
+        .children_of(&PRUNED_KINDS, &ns, &name)
+        .into_iter()
+        .filter(|(kind, obj_ns, obj_name)| {
+            in_place(kind, obj_ns) && !desired.contains(&(kind.to_string(), obj_name.clone()))
+        })
+        .map(|(kind, obj_ns, obj_name)| (kind.to_owned(), obj_ns, obj_name))
+        .collect();
+    for secret in ctx.stores.secrets.state() {
+        let m = &secret.metadata;
+        let label = |k: &str| m.labels.as_ref().and_then(|l| l.get(k));
+        let secret_name = m.name.clone().unwrap_or_default();
+        if label(LABEL_STACK) == Some(&name)
+            && label(LABEL_STACK_NS) == Some(&ns)
+            && in_place("Secret", &m.namespace)
+            && !desired.contains(&("Secret".to_owned(), secret_name.clone()))
+        {
+            doomed.push(("Secret".into(), m.namespace.clone(), secret_name));
+        }
     }
-    collect!(s.deployments, "Deployment", false);
-    collect!(s.statefulsets, "StatefulSet", false);
-    collect!(s.secrets, "Secret", false);
-    collect!(s.registrations, "ValidatingWebhookConfiguration", true);
-    collect!(s.service_accounts, "ServiceAccount", false);
-    collect!(s.roles, "Role", false);
-    collect!(s.role_bindings, "RoleBinding", false);
-    collect!(s.config_maps, "ConfigMap", false);
-    collect!(s.services, "Service", false);
-    collect!(s.pdbs, "PodDisruptionBudget", false);
-    collect!(s.network_policies, "NetworkPolicy", false);
 
     let mut errors = Vec::new();
     for (kind, obj_ns, obj_name) in doomed {
@@ -1530,14 +1468,14 @@ fn observe_child(ctx: &Ctx, child: &Outline, webhook_available: bool) -> Observe
                 }
             }
         },
-        "Deployment" => match s.deployments.get(&ObjectRef::new(&name).within(&ns)) {
+        "Deployment" => match s.index.deployment(&ns, &name) {
             None => row(false, false, "not created yet".into()),
             Some(d) => {
                 let (ready, failing, msg) = deployment_health_with(&d, || pods_of(ctx, &ns, child));
                 row(ready, failing, msg)
             }
         },
-        "StatefulSet" => match s.statefulsets.get(&ObjectRef::new(&name).within(&ns)) {
+        "StatefulSet" => match s.index.statefulset(&ns, &name) {
             None => row(false, false, "not created yet".into()),
             Some(st) => {
                 let (ready, failing, msg) =
@@ -1546,7 +1484,7 @@ fn observe_child(ctx: &Ctx, child: &Outline, webhook_available: bool) -> Observe
             }
         },
         "ValidatingWebhookConfiguration" => {
-            if s.registrations.get(&ObjectRef::new(&name)).is_some() {
+            if s.index.exists(REGISTRATION, None, &name) {
                 row(true, false, "registered".into())
             } else if webhook_available {
                 row(false, false, "not registered yet".into())
@@ -1560,7 +1498,7 @@ fn observe_child(ctx: &Ctx, child: &Outline, webhook_available: bool) -> Observe
         }
         other => {
             let exists =
-                observed_meta(ctx, other, child.namespaced.then_some(ns.as_str()), &name).is_some();
+                observed(ctx, other, child.namespaced.then_some(ns.as_str()), &name).is_some();
             row(
                 exists,
                 false,
@@ -1576,18 +1514,9 @@ fn observe_child(ctx: &Ctx, child: &Outline, webhook_available: bool) -> Observe
 
 /// Pods of a workload child: the stack's pods with the same component label.
 fn pods_of(ctx: &Ctx, ns: &str, child: &Outline) -> Vec<Arc<Pod>> {
-    let (stack, component) = (&child.stack_label, &child.component);
     ctx.stores
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| {
-            let l = p.labels();
-            p.metadata.namespace.as_deref() == Some(ns)
-                && l.get(LABEL_STACK) == stack.as_ref()
-                && l.get("app.kubernetes.io/component") == component.as_ref()
-        })
-        .collect()
+        .index
+        .pods(ns, child.stack_label.as_deref(), child.component.as_deref())
 }
 
 const FAILING_REASONS: [&str; 6] = [
