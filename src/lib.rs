@@ -9,6 +9,7 @@ pub mod certs;
 pub mod cli;
 pub mod dev;
 pub mod entity_controller;
+pub mod hosts;
 pub mod index;
 pub mod install;
 pub mod metrics;

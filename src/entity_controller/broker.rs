@@ -11,8 +11,8 @@ use bytes::Bytes;
 
 use super::config::StackConfig;
 use super::event::{self, CLOUDEVENTS_JSON};
-use super::hosts;
 use crate::api::JetStreamStorage;
+use crate::hosts;
 
 /// NATS header carrying the entity generation an event was built from.
 pub const GENERATION_HEADER: &str = "Kab-Generation";

@@ -16,7 +16,6 @@
 pub mod broker;
 pub mod config;
 pub mod event;
-pub mod hosts;
 pub mod metrics;
 pub mod notify;
 pub mod reconcile;
@@ -40,10 +39,10 @@ use tokio::sync::watch;
 
 use self::broker::{Broker, StreamOptions};
 use self::config::StackConfig;
-use self::hosts::Hosts;
 use self::metrics::Metrics;
 use self::notify::Notifier;
 use self::reconcile::Context;
+use crate::hosts::Hosts;
 
 /// `kab entity-controller` arguments.
 #[derive(clap::Args, Clone, Debug)]

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::config::NotifyConfig;
 use super::event::CLOUDEVENTS_JSON;
-use super::hosts;
+use crate::hosts;
 
 /// Attempts per event before the outcome is recorded as failed.
 pub const ATTEMPTS: u32 = 5;

@@ -175,8 +175,13 @@ pub fn stack_config(stack: &KabStack) -> Value {
         BrokerMode::External => broker.credentials_secret.clone(),
         BrokerMode::Managed | BrokerMode::None => None,
     };
+    let mut stack_ref = json!({"name": names.stack, "namespace": names.namespace});
+    if let Some(uid) = &stack.metadata.uid {
+        // Claims the webhook creates are owned by the stack (see `kab webhook`).
+        stack_ref["uid"] = json!(uid);
+    }
     json!({
-        "stack": {"name": names.stack, "namespace": names.namespace},
+        "stack": stack_ref,
         "entity": {
             "group": entity.group,
             "kind": entity.kind,

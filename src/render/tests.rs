@@ -740,6 +740,33 @@ fn stack_config_is_what_the_webhook_and_controller_read() {
         config["stack"],
         json!({"name": "todo", "namespace": "shop"})
     );
+    // With a uid (a stored stack), the webhook's claims can be owned by the stack.
+    let mut stored = stack.clone();
+    stored.metadata.uid = Some("0b7c5d2e-1111-2222-3333-444455556666".into());
+    let stored_config = stack_config(&stored);
+    assert_eq!(
+        stored_config["stack"],
+        json!({"name": "todo", "namespace": "shop", "uid": "0b7c5d2e-1111-2222-3333-444455556666"})
+    );
+    let read: crate::webhook::StackConfig =
+        serde_json::from_value(stored_config).expect("the webhook reads it");
+    let owner = read.stack.owner_reference().expect("owner reference");
+    assert_eq!(
+        (
+            owner.api_version.as_str(),
+            owner.kind.as_str(),
+            owner.name.as_str()
+        ),
+        ("kab.dev/v1alpha1", "KabStack", "todo")
+    );
+    assert_eq!(owner.uid, "0b7c5d2e-1111-2222-3333-444455556666");
+    assert_eq!(
+        owner.block_owner_deletion, None,
+        "needs no permission on the stack"
+    );
+    let unstored: crate::webhook::StackConfig =
+        serde_json::from_value(config.clone()).expect("the webhook reads it");
+    assert!(unstored.stack.owner_reference().is_none());
     assert_eq!(
         config["entity"],
         json!({"group": "todo.example.com", "kind": "Todo", "plural": "todos", "singular": "todo",

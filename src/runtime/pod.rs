@@ -467,7 +467,6 @@ impl PodHandle {
                 .unwrap_or(0)
                 .max(0) as u64,
         );
-        let started = Instant::now();
         let mut next_ready = Instant::now() + Duration::from_millis(300);
         let mut next_live = Instant::now() + l_delay + l_period;
         let mut live_failures = 0;
@@ -520,7 +519,6 @@ impl PodHandle {
                 }
                 next_live = now + l_period;
             }
-            let _ = started;
             let _ = tokio::time::timeout(Duration::from_millis(200), stop_rx.changed()).await;
         }
     }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::core::DynamicObject;
@@ -112,6 +112,7 @@ pub struct LeaseClaims {
     namespace: String,
     grace: Duration,
     metrics: std::sync::Arc<Metrics>,
+    owner: Option<OwnerReference>,
 }
 
 enum Read<T> {
@@ -158,7 +159,15 @@ impl LeaseClaims {
             namespace: namespace.to_owned(),
             grace,
             metrics,
+            owner: None,
         }
+    }
+
+    /// Claims owned by the KabStack (an owner reference), so that Kubernetes garbage-collects
+    /// them with the stack.
+    pub fn owned_by(mut self, owner: Option<OwnerReference>) -> Self {
+        self.owner = owner;
+        self
     }
 
     /// Labels of every claim of the stack.
@@ -202,6 +211,7 @@ impl LeaseClaims {
                 namespace: Some(self.namespace.clone()),
                 labels: Some(labels),
                 annotations: Some(BTreeMap::from([(ANNOTATION_VALUES.to_owned(), shown)])),
+                owner_references: self.owner.clone().map(|o| vec![o]),
                 ..ObjectMeta::default()
             },
             spec: Some(LeaseSpec {

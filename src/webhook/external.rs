@@ -27,7 +27,7 @@ use serde_json::Value;
 
 use super::engine::{External, ExternalAnswer};
 use crate::api::ExternalRule;
-use crate::entity_controller::hosts::{self, Hosts};
+use crate::hosts::{self, Hosts};
 
 /// Largest answer read from the application.
 const MAX_ANSWER: usize = 64 * 1024;

@@ -139,13 +139,35 @@ pub struct StackConfig {
     pub webhook: WebhookConfig,
 }
 
-/// Name and namespace of the stack.
+/// Name, namespace and uid of the stack.
 #[derive(Clone, Debug, Deserialize)]
 pub struct StackRef {
     /// Name.
     pub name: String,
     /// Namespace (where its entities, and the claims, live).
     pub namespace: String,
+    /// The KabStack's uid: claims carry an owner reference to it, so that they go with the
+    /// stack. Absent in configurations rendered without one (claims then outlive the stack).
+    #[serde(default)]
+    pub uid: Option<String>,
+}
+
+impl StackRef {
+    /// An owner reference to the KabStack, when its uid is known.
+    pub fn owner_reference(
+        &self,
+    ) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
+        use kube::Resource as _;
+        Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: crate::api::KabStack::api_version(&()).into_owned(),
+                kind: crate::api::KabStack::kind(&()).into_owned(),
+                name: self.name.clone(),
+                uid: self.uid.clone().filter(|u| !u.is_empty())?,
+                ..Default::default()
+            },
+        )
+    }
 }
 
 /// The entity's API.
@@ -315,7 +337,8 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
         &namespace,
         grace,
         metrics.clone(),
-    );
+    )
+    .owned_by(config.stack.owner_reference());
     let external = external::HttpExternal::new(provider.clone())
         .context("setting up the HTTP client of external rules")?;
 

@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kab::api::KabStack;
 use kab::plane::Plane;
 use kab::runtime::{LocalRuntime, ProcessInfo};
-use kube::api::{Api, PostParams};
+use kube::ResourceExt as _;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
 use crate::support::{Ctx, Test, e2e_tests, wait_for};
@@ -343,6 +345,38 @@ async fn the_real_webhook_denies_through_the_rendered_service(ctx: Ctx) -> anyho
         out.status.success() && !stderr.contains("was not validated"),
         "an entity write in namespace {other} reached the webhook of the stack in {ns}: {stderr}"
     );
+
+    // The claim of the first entity's code is owned by the stack, and goes with it (Kubernetes'
+    // garbage collector: up to ~30 s here, as it learns of the KabStack resource, installed
+    // after kube-controller-manager started, at its next discovery resync).
+    let leases: Api<Lease> = Api::namespaced(ctx.client(), &ns);
+    let selector = kab::webhook::claims::LeaseClaims::selector("todo", &ns);
+    let claims = leases
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items;
+    let uid = stacks
+        .get("todo")
+        .await?
+        .metadata
+        .uid
+        .context("stack uid")?;
+    let [claim] = claims.as_slice() else {
+        anyhow::bail!("one claim expected (code A-1), found {claims:?}");
+    };
+    ensure!(
+        claim
+            .owner_references()
+            .iter()
+            .any(|o| o.kind == "KabStack" && o.uid == uid),
+        "the claim is not owned by the stack: {:?}",
+        claim.metadata.owner_references
+    );
+    stacks.delete("todo", &DeleteParams::default()).await?;
+    crate::support::wait_deleted(&stacks, "todo", Duration::from_secs(60)).await?;
+    crate::support::wait_deleted(&leases, &claim.name_any(), Duration::from_secs(60))
+        .await
+        .context("the claim outlived its stack")?;
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! `KAB_HOSTS_FILE`: a hosts-format file (`<ip> <name> [names…]`) that maps Service DNS names
 //! such as `todo-broker.shop.svc` to local addresses. The local workload runtime writes it; when
-//! it is set, the broker and notify URLs are resolved through it before DNS.
+//! it is set, the broker, notify and external-rule URLs are resolved through it before DNS.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
