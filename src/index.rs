@@ -56,8 +56,97 @@ pub enum Body {
         replicas: Option<i32>,
         status: Option<Box<StatefulSetStatus>>,
     },
-    /// A pod's phase, conditions and container waiting reasons and restarts.
-    Pod(Option<Box<PodStatus>>),
+    /// A pod's phase, scheduling and container waiting reasons and restarts.
+    Pod(Option<Box<PodFacts>>),
+}
+
+/// Of a pod's status, what [`crate::operator::failing_pod`] and
+/// [`crate::operator::unscheduled_pod`] read (a `PodStatus` is ~1 KiB even when nearly empty).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodFacts {
+    phase: Option<Box<str>>,
+    message: Option<Box<str>>,
+    /// Reason and message of a `PodScheduled=False` condition.
+    unscheduled: Option<(Text, Text)>,
+    /// Per container: name, waiting reason, restart count, ready.
+    containers: Box<[ContainerFacts]>,
+}
+
+type Text = Option<Box<str>>;
+
+#[derive(Clone, Debug, PartialEq)]
+struct ContainerFacts {
+    name: Box<str>,
+    waiting: Text,
+    restarts: i32,
+    ready: bool,
+}
+
+impl PodFacts {
+    fn of(s: &PodStatus) -> Self {
+        let boxed = |v: &Option<String>| v.as_deref().map(Box::from);
+        PodFacts {
+            phase: boxed(&s.phase),
+            message: boxed(&s.message),
+            unscheduled: s
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                .map(|c| (boxed(&c.reason), boxed(&c.message))),
+            containers: s
+                .container_statuses
+                .iter()
+                .flatten()
+                .map(|c| {
+                    let waiting = c.state.as_ref().and_then(|st| st.waiting.as_ref());
+                    ContainerFacts {
+                        name: Box::from(c.name.as_str()),
+                        waiting: waiting.and_then(|w| boxed(&w.reason)),
+                        restarts: c.restart_count,
+                        ready: c.ready,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// The status health reads, as a `PodStatus`.
+    fn status(&self) -> PodStatus {
+        let string = |v: &Option<Box<str>>| v.as_deref().map(str::to_owned);
+        PodStatus {
+            phase: string(&self.phase),
+            message: string(&self.message),
+            conditions: self.unscheduled.as_ref().map(|(reason, message)| {
+                vec![PodCondition {
+                    type_: "PodScheduled".into(),
+                    status: "False".into(),
+                    reason: string(reason),
+                    message: string(message),
+                    ..Default::default()
+                }]
+            }),
+            container_statuses: (!self.containers.is_empty()).then(|| {
+                self.containers
+                    .iter()
+                    .map(|c| ContainerStatus {
+                        name: c.name.to_string(),
+                        restart_count: c.restarts,
+                        ready: c.ready,
+                        state: c.waiting.as_ref().map(|reason| ContainerState {
+                            waiting: Some(ContainerStateWaiting {
+                                reason: Some(reason.to_string()),
+                                message: None,
+                            }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+            ..Default::default()
+        }
+    }
 }
 
 /// What "the object changed under us" means: the generation where the API server keeps one (it
@@ -136,51 +225,7 @@ impl Summarize for Pod {
         "Pod"
     }
     fn body(&self) -> Body {
-        Body::Pod(self.status.as_ref().map(|s| Box::new(pod_health_status(s))))
-    }
-}
-
-/// Of a pod's status, what [`crate::operator::failing_pod`] and
-/// [`crate::operator::unscheduled_pod`] read: phase and message, the `PodScheduled` condition,
-/// and per container its waiting reason and restart count.
-fn pod_health_status(s: &PodStatus) -> PodStatus {
-    PodStatus {
-        phase: s.phase.clone(),
-        message: s.message.clone(),
-        conditions: s.conditions.as_ref().map(|cs| {
-            cs.iter()
-                .filter(|c| c.type_ == "PodScheduled" && c.status == "False")
-                .map(|c| PodCondition {
-                    type_: c.type_.clone(),
-                    status: c.status.clone(),
-                    reason: c.reason.clone(),
-                    message: c.message.clone(),
-                    ..Default::default()
-                })
-                .collect()
-        }),
-        container_statuses: s.container_statuses.as_ref().map(|cs| {
-            cs.iter()
-                .map(|c| ContainerStatus {
-                    name: c.name.clone(),
-                    restart_count: c.restart_count,
-                    ready: c.ready,
-                    state: c
-                        .state
-                        .as_ref()
-                        .and_then(|st| st.waiting.as_ref())
-                        .map(|w| ContainerState {
-                            waiting: Some(ContainerStateWaiting {
-                                reason: w.reason.clone(),
-                                message: None,
-                            }),
-                            ..Default::default()
-                        }),
-                    ..Default::default()
-                })
-                .collect()
-        }),
-        ..Default::default()
+        Body::Pod(self.status.as_ref().map(|s| Box::new(PodFacts::of(s))))
     }
 }
 
@@ -200,7 +245,6 @@ where
             "PodDisruptionBudget" => "PodDisruptionBudget",
             "NetworkPolicy" => "NetworkPolicy",
             "ValidatingWebhookConfiguration" => "ValidatingWebhookConfiguration",
-            "Secret" => "Secret",
             _ => "Other",
         }
     }
@@ -387,7 +431,7 @@ impl Index {
                     },
                     spec: None,
                     status: match &s.body {
-                        Body::Pod(status) => status.as_deref().cloned(),
+                        Body::Pod(facts) => facts.as_ref().map(|f| f.status()),
                         _ => None,
                     },
                 })

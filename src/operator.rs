@@ -158,7 +158,7 @@ struct Ctx {
     stores: Stores,
     recorder: Recorder,
     metrics: Arc<crate::metrics::Metrics>,
-    applied: Mutex<HashMap<String, Applied>>,
+    applied: Mutex<HashMap<u64, Applied>>,
     failures: Mutex<HashMap<ObjectRef<KabStack>, u32>>,
     probes: Mutex<HashMap<ObjectRef<KabStack>, ProbeRecord>>,
     prepared: Mutex<HashMap<ObjectRef<KabStack>, Arc<Prepared>>>,
@@ -514,52 +514,73 @@ fn backoff(failures: u32) -> Duration {
 }
 
 /// What reconciles need of a rendered child, without keeping the object itself (a stack's
-/// rendered children weigh ~150 KiB; the outline a few hundred bytes).
+/// rendered children weigh ~150 KiB; the outline ~150 bytes: the strings a stack's children
+/// share — namespace, stack and component labels — are shared, the kind is static).
 #[derive(Clone, Debug)]
 struct Outline {
     step: Step,
-    kind: String,
-    namespace: Option<String>,
+    kind: &'static str,
+    namespace: Option<Arc<str>>,
     name: String,
     namespaced: bool,
     /// The `kab.dev/stack` and component labels, to find a workload's pods.
-    stack_label: Option<String>,
-    component: Option<String>,
-    /// `kind/namespace/name`, the key of the applied cache.
-    key: String,
+    stack_label: Option<Arc<str>>,
+    component: Option<Arc<str>>,
+    /// Hash of `kind/namespace/name`: the key of the applied cache.
+    key: u64,
     /// Hash of the rendered object, compared with the last apply.
     hash: u64,
 }
 
+/// Shares equal strings among a stack's outlines.
+#[derive(Default)]
+struct Interner(HashSet<Arc<str>>);
+
+impl Interner {
+    fn get(&mut self, s: Option<&str>) -> Option<Arc<str>> {
+        let s = s?;
+        if let Some(shared) = self.0.get(s) {
+            return Some(shared.clone());
+        }
+        let shared: Arc<str> = Arc::from(s);
+        self.0.insert(shared.clone());
+        Some(shared)
+    }
+}
+
 impl Outline {
-    fn of(child: &Child) -> Self {
+    fn of(child: &Child, strings: &mut Interner) -> Self {
         let labels = child.object.metadata.labels.as_ref();
-        let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
+        let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+        let kind = render::kinds()
+            .iter()
+            .map(|k| k.resource.kind.as_str())
+            .find(|k| *k == child.resource.kind)
+            .unwrap_or("(unsupported)");
         Outline {
             step: child.step,
-            kind: child.resource.kind.clone(),
-            namespace: child.object.metadata.namespace.clone(),
+            kind,
+            namespace: strings.get(child.object.metadata.namespace.as_deref()),
             name: child.name().to_owned(),
             namespaced: child.namespaced,
-            stack_label: label(LABEL_STACK),
-            component: label("app.kubernetes.io/component"),
+            stack_label: strings.get(label(LABEL_STACK)),
+            component: strings.get(label("app.kubernetes.io/component")),
             key: child_key(child),
             hash: hash_object(&child.object),
         }
     }
 }
 
-fn child_key(c: &Child) -> String {
-    format!(
-        "{}/{}/{}",
-        c.object
-            .types
-            .as_ref()
-            .map(|t| t.kind.as_str())
-            .unwrap_or(""),
+fn child_key(c: &Child) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (
+        &c.resource.group,
+        &c.resource.kind,
         c.object.metadata.namespace.as_deref().unwrap_or(""),
-        c.object.metadata.name.as_deref().unwrap_or("")
+        c.object.metadata.name.as_deref().unwrap_or(""),
     )
+        .hash(&mut h);
+    h.finish()
 }
 
 fn hash_object(obj: &DynamicObject) -> u64 {
@@ -667,7 +688,7 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, gate: Gate) -> Result<Action
             .iter()
             .map(|&i| {
                 let o = &prepared.children[i];
-                let apply = apply_child(ctx.clone(), r.children[i].clone(), o.key.clone(), o.hash);
+                let apply = apply_child(ctx.clone(), r.children[i].clone(), o.key, o.hash);
                 if o.namespaced {
                     apply.boxed()
                 } else {
@@ -927,9 +948,14 @@ fn prepare(
         return Ok((p.clone(), None));
     }
     let rendered = render::render(&ctx.templates, stack, &ctx.settings, facts)?;
-    let children: Vec<Outline> = rendered.children.iter().map(Outline::of).collect();
+    let mut strings = Interner::default();
+    let children: Vec<Outline> = rendered
+        .children
+        .iter()
+        .map(|c| Outline::of(c, &mut strings))
+        .collect();
     let desired = {
-        let mut set: Vec<&str> = children.iter().map(|c| c.key.as_str()).collect();
+        let mut set: Vec<u64> = children.iter().map(|c| c.key).collect();
         set.sort();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         set.hash(&mut h);
@@ -958,7 +984,7 @@ fn applied_already(ctx: &Ctx, child: &Outline) -> bool {
 }
 
 /// Applies one child with server-side apply.
-async fn apply_child(ctx: Arc<Ctx>, child: Child, key: String, hash: u64) -> Result<(), Error> {
+async fn apply_child(ctx: Arc<Ctx>, child: Child, key: u64, hash: u64) -> Result<(), Error> {
     let child = &child;
     let name = child.object.metadata.name.clone().unwrap_or_default();
     let api: Api<DynamicObject> = match (&child.object.metadata.namespace, child.namespaced) {
@@ -983,7 +1009,7 @@ async fn apply_child(ctx: Arc<Ctx>, child: Child, key: String, hash: u64) -> Res
 }
 
 fn observed_version(ctx: &Ctx, child: &Outline) -> Option<String> {
-    observed(ctx, &child.kind, child.namespace.as_deref(), &child.name)
+    observed(ctx, child.kind, child.namespace.as_deref(), &child.name)
 }
 
 /// The version (see [`version_of`]) of a child kab watches, if it is there.
@@ -1224,7 +1250,7 @@ async fn prune(
     let name = stack.name_any();
     let mut desired: HashSet<(String, String)> = children
         .iter()
-        .map(|c| (c.kind.clone(), c.name.clone()))
+        .map(|c| (c.kind.to_owned(), c.name.clone()))
         .collect();
     desired.insert(("Secret".into(), names.webhook_ca_secret.clone()));
     desired.insert(("Secret".into(), names.webhook_tls_secret.clone()));
@@ -1401,7 +1427,12 @@ fn observe_existing(stack: &KabStack, ctx: &Ctx) -> Vec<Observed> {
             let names = render::names(stack);
             let ns = stack.namespace().unwrap_or_default();
             let available = deployment_available(ctx, &ns, &names.webhook);
-            let outlines: Vec<Outline> = r.children.iter().map(Outline::of).collect();
+            let mut strings = Interner::default();
+            let outlines: Vec<Outline> = r
+                .children
+                .iter()
+                .map(|c| Outline::of(c, &mut strings))
+                .collect();
             observe(stack, ctx, &outlines, &names, available)
         }
         Err(_) => Vec::new(),
@@ -1409,24 +1440,24 @@ fn observe_existing(stack: &KabStack, ctx: &Ctx) -> Vec<Observed> {
 }
 
 fn observe_child(ctx: &Ctx, child: &Outline, webhook_available: bool) -> Observed {
-    let ns = child.namespace.clone().unwrap_or_default();
+    let ns = child.namespace.as_deref().unwrap_or_default().to_owned();
     let name = child.name.clone();
     let display = if child.namespaced {
         format!("{ns}/{name}")
     } else {
         name.clone()
     };
-    let kind = child.kind.clone();
+    let kind = child.kind;
     let row = |ready: bool, failing: bool, message: String| Observed {
         step: child.step,
-        kind: kind.clone(),
+        kind: kind.to_owned(),
         name: display.clone(),
         ready,
         failing,
         message,
     };
     let s = &ctx.stores;
-    match kind.as_str() {
+    match kind {
         "CustomResourceDefinition" => match s.crds.get(&ObjectRef::new(&name)) {
             None => row(false, false, "not created yet".into()),
             Some(crd) => {
