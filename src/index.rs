@@ -288,6 +288,16 @@ pub struct Index {
     kinds: Mutex<HashMap<&'static str, Kind>>,
 }
 
+/// The metadata of a rebuilt object: what health reads of it.
+fn rebuilt_meta(ns: &str, name: &str, generation: Option<i64>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(ns.to_owned()),
+        generation,
+        ..Default::default()
+    }
+}
+
 fn insert(objects: &mut Objects, ns: Option<&str>, name: &str, seen: Seen) {
     objects
         .entry(ns.unwrap_or_default().into())
@@ -369,12 +379,7 @@ impl Index {
                 replicas,
                 status,
             } => Some(Deployment {
-                metadata: ObjectMeta {
-                    name: Some(name.to_owned()),
-                    namespace: Some(ns.to_owned()),
-                    generation: *generation,
-                    ..Default::default()
-                },
+                metadata: rebuilt_meta(ns, name, *generation),
                 spec: DeploymentSpec {
                     replicas: *replicas,
                     ..Default::default()
@@ -394,12 +399,7 @@ impl Index {
                 replicas,
                 status,
             } => Some(StatefulSet {
-                metadata: ObjectMeta {
-                    name: Some(name.to_owned()),
-                    namespace: Some(ns.to_owned()),
-                    generation: *generation,
-                    ..Default::default()
-                },
+                metadata: rebuilt_meta(ns, name, *generation),
                 spec: StatefulSetSpec {
                     replicas: *replicas,
                     ..Default::default()
@@ -424,11 +424,7 @@ impl Index {
             })
             .map(|(name, s)| {
                 Arc::new(Pod {
-                    metadata: ObjectMeta {
-                        name: Some(name.to_string()),
-                        namespace: Some(ns.to_owned()),
-                        ..Default::default()
-                    },
+                    metadata: rebuilt_meta(ns, name, None),
                     spec: None,
                     status: match &s.body {
                         Body::Pod(facts) => facts.as_ref().map(|f| f.status()),

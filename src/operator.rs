@@ -571,6 +571,16 @@ impl Outline {
     }
 }
 
+/// The outlines of a stack's rendered children (sharing their common strings).
+fn outlines(rendered: &Rendered) -> Vec<Outline> {
+    let mut strings = Interner::default();
+    rendered
+        .children
+        .iter()
+        .map(|c| Outline::of(c, &mut strings))
+        .collect()
+}
+
 fn child_key(c: &Child) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (
@@ -948,12 +958,7 @@ fn prepare(
         return Ok((p.clone(), None));
     }
     let rendered = render::render(&ctx.templates, stack, &ctx.settings, facts)?;
-    let mut strings = Interner::default();
-    let children: Vec<Outline> = rendered
-        .children
-        .iter()
-        .map(|c| Outline::of(c, &mut strings))
-        .collect();
+    let children = outlines(&rendered);
     let desired = {
         let mut set: Vec<u64> = children.iter().map(|c| c.key).collect();
         set.sort();
@@ -1427,13 +1432,7 @@ fn observe_existing(stack: &KabStack, ctx: &Ctx) -> Vec<Observed> {
             let names = render::names(stack);
             let ns = stack.namespace().unwrap_or_default();
             let available = deployment_available(ctx, &ns, &names.webhook);
-            let mut strings = Interner::default();
-            let outlines: Vec<Outline> = r
-                .children
-                .iter()
-                .map(|c| Outline::of(c, &mut strings))
-                .collect();
-            observe(stack, ctx, &outlines, &names, available)
+            observe(stack, ctx, &outlines(&r), &names, available)
         }
         Err(_) => Vec::new(),
     }
