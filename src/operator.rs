@@ -2,9 +2,9 @@
 //!
 //! `finalizer → validate → certificates → render (pure) → apply → prune → status`.
 //! Only apply, prune and the status write touch the API; every read comes from watch caches
-//! (reflector stores), never a LIST per reconcile. A child is re-applied only when what kab wants
-//! changed or the object changed under it (deleted, or edited by hand), so an idle stack causes no
-//! write at all.
+//! (reflector stores, and the [`Index`] of child summaries), never a LIST per reconcile. A child
+//! is re-applied only when what kab wants changed or the object changed under it (deleted, or
+//! edited by hand), so an idle stack causes no write at all.
 
 use crate::api::{KabStack, KabStackStatus};
 use crate::certs::{self, CertPolicy, PkiState};
