@@ -392,14 +392,20 @@ async fn external_rule_allows_denies_times_out_and_fails_open(ctx: Ctx) -> anyho
 
     let before = app.calls();
     create(&todos, &env.entity("ok-1", json!({"code": "ok"}))).await?;
+    // In order, strict first; the API server may repeat a webhook call (a retried connection),
+    // so the check is on the sequence of rules asked, not on a count.
     let seen = app.payloads.lock().unwrap_or_else(|p| p.into_inner())[before..].to_vec();
-    ensure!(seen.len() == 2, "both rules ask the app: {seen:?}");
-    let strict = &seen[0];
-    ensure!(strict["rule"] == "app-strict", "{strict}");
-    ensure!(strict["operation"] == "CREATE", "{strict}");
-    ensure!(strict["namespace"] == json!(ns), "{strict}");
-    ensure!(strict["name"] == "ok-1", "{strict}");
-    ensure!(strict["object"]["spec"]["code"] == "ok", "{strict}");
+    let rules: Vec<&str> = seen.iter().filter_map(|p| p["rule"].as_str()).collect();
+    ensure!(
+        rules.first() == Some(&"app-strict") && rules.contains(&"app-lenient"),
+        "both rules ask the app, strict first: {seen:?}"
+    );
+    for asked in &seen {
+        ensure!(asked["operation"] == "CREATE", "{asked}");
+        ensure!(asked["namespace"] == json!(ns), "{asked}");
+        ensure!(asked["name"] == "ok-1", "{asked}");
+        ensure!(asked["object"]["spec"]["code"] == "ok", "{asked}");
+    }
 
     let denied = denial(create(&todos, &env.entity("no-1", json!({"code": "no"}))).await)?;
     expect(&denied, "rule app-strict: the app refuses code no")?;
