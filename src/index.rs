@@ -161,7 +161,7 @@ pub fn version_of(meta: &ObjectMeta) -> String {
 
 /// A watched kind the index can summarise.
 pub trait Summarize: Resource<DynamicType = ()> {
-    /// The kind's name, as the render names it (`Deployment`, `ServiceAccount`, …).
+    /// The kind's name (`Deployment`, `ServiceAccount`, …), as k8s-openapi and the render name it.
     fn kind_name() -> &'static str;
     /// What health reads of the object.
     fn body(&self) -> Body;
@@ -169,7 +169,7 @@ pub trait Summarize: Resource<DynamicType = ()> {
 
 impl Summarize for Deployment {
     fn kind_name() -> &'static str {
-        "Deployment"
+        <Self as k8s_openapi::Resource>::KIND
     }
     fn body(&self) -> Body {
         let status = self.status.as_ref().map(|s| {
@@ -201,7 +201,7 @@ impl Summarize for Deployment {
 
 impl Summarize for StatefulSet {
     fn kind_name() -> &'static str {
-        "StatefulSet"
+        <Self as k8s_openapi::Resource>::KIND
     }
     fn body(&self) -> Body {
         let status = self.status.as_ref().map(|s| {
@@ -222,7 +222,7 @@ impl Summarize for StatefulSet {
 
 impl Summarize for Pod {
     fn kind_name() -> &'static str {
-        "Pod"
+        <Self as k8s_openapi::Resource>::KIND
     }
     fn body(&self) -> Body {
         Body::Pod(self.status.as_ref().map(|s| Box::new(PodFacts::of(s))))
@@ -231,22 +231,10 @@ impl Summarize for Pod {
 
 impl<K> Summarize for PartialObjectMeta<K>
 where
-    K: Resource<DynamicType = ()>,
+    K: Resource<DynamicType = ()> + k8s_openapi::Resource,
 {
     fn kind_name() -> &'static str {
-        // The kinds the operator follows by metadata only; `K::kind` is a `Cow` built from a
-        // static string for every k8s-openapi type.
-        match K::kind(&()).as_ref() {
-            "ServiceAccount" => "ServiceAccount",
-            "Role" => "Role",
-            "RoleBinding" => "RoleBinding",
-            "ConfigMap" => "ConfigMap",
-            "Service" => "Service",
-            "PodDisruptionBudget" => "PodDisruptionBudget",
-            "NetworkPolicy" => "NetworkPolicy",
-            "ValidatingWebhookConfiguration" => "ValidatingWebhookConfiguration",
-            _ => "Other",
-        }
+        K::KIND
     }
     fn body(&self) -> Body {
         Body::Meta

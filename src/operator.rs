@@ -9,7 +9,10 @@
 use crate::api::{KabStack, KabStackStatus};
 use crate::certs::{self, CertPolicy, PkiState};
 use crate::index::{Index, Summarize, version_of};
-use crate::render::{self, Child, Facts, Rendered, Settings, Step, Templates};
+use crate::render::{
+    self, Child, Facts, LABEL_COMPONENT, LABEL_STACK, LABEL_STACK_NAMESPACE, Rendered, Settings,
+    Step, Templates,
+};
 use crate::status::{self, CertFacts, Observed, Outcome};
 use crate::validate;
 use futures::{FutureExt, StreamExt, TryStreamExt, stream};
@@ -51,22 +54,7 @@ pub const MANAGER_CERTS: &str = "kab-operator-certs";
 pub const MANAGER_STATUS: &str = "kab-operator-status";
 /// Label every object kab manages carries.
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by=kab";
-const LABEL_STACK: &str = "kab.dev/stack";
-const LABEL_STACK_NS: &str = "kab.dev/stack-namespace";
 const REGISTRATION: &str = "ValidatingWebhookConfiguration";
-/// The kinds of children kept in the [`Index`] that prune deletes when no longer desired.
-const PRUNED_KINDS: [&str; 10] = [
-    "Deployment",
-    "StatefulSet",
-    REGISTRATION,
-    "ServiceAccount",
-    "Role",
-    "RoleBinding",
-    "ConfigMap",
-    "Service",
-    "PodDisruptionBudget",
-    "NetworkPolicy",
-];
 
 /// Operator settings.
 #[derive(Clone, Debug)]
@@ -333,9 +321,8 @@ fn trim_meta(m: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta)
     m.creation_timestamp = None;
     m.uid = None;
     if let Some(labels) = &mut m.labels {
-        labels.retain(|k, _| {
-            k == LABEL_STACK || k == LABEL_STACK_NS || k == "app.kubernetes.io/component"
-        });
+        labels
+            .retain(|k, _| k == LABEL_STACK || k == LABEL_STACK_NAMESPACE || k == LABEL_COMPONENT);
     }
 }
 
@@ -384,7 +371,7 @@ where
 fn by_labels<K: Resource>(obj: K) -> Option<ObjectRef<KabStack>> {
     let labels = obj.labels();
     let name = labels.get(LABEL_STACK)?;
-    let ns = labels.get(LABEL_STACK_NS)?;
+    let ns = labels.get(LABEL_STACK_NAMESPACE)?;
     Some(ObjectRef::new(name).within(ns))
 }
 
@@ -552,11 +539,8 @@ impl Outline {
     fn of(child: &Child, strings: &mut Interner) -> Self {
         let labels = child.object.metadata.labels.as_ref();
         let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
-        let kind = render::kinds()
-            .iter()
-            .map(|k| k.resource.kind.as_str())
-            .find(|k| *k == child.resource.kind)
-            .unwrap_or("(unsupported)");
+        let kind = render::kind_for(&child.resource.api_version, &child.resource.kind)
+            .map_or("(unsupported)", |k| k.resource.kind.as_str());
         Outline {
             step: child.step,
             kind,
@@ -564,7 +548,7 @@ impl Outline {
             name: child.name().to_owned(),
             namespaced: child.namespaced,
             stack_label: strings.get(label(LABEL_STACK)),
-            component: strings.get(label("app.kubernetes.io/component")),
+            component: strings.get(label(LABEL_COMPONENT)),
             key: child_key(child),
             hash: hash_object(&child.object),
         }
@@ -1072,7 +1056,7 @@ async fn apply_secrets(
     let ns = stack.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let mut labels = render::stack_labels(stack);
-    labels.insert("app.kubernetes.io/component".into(), "webhook".into());
+    labels.insert(LABEL_COMPONENT.into(), "webhook".into());
     let owner = stack.controller_owner_ref(&());
     let one = |name: &String, type_: &str, data| {
         let api = api.clone();
@@ -1264,10 +1248,17 @@ async fn prune(
     let in_place = |kind: &str, obj_ns: &Option<String>| {
         kind == REGISTRATION || obj_ns.as_deref() == Some(ns.as_str())
     };
+    // Every kind kab renders is in the index but the two read whole: the entity CRD (shared,
+    // never pruned) and the certificate Secrets (below).
+    let indexed: Vec<&str> = render::kinds()
+        .iter()
+        .map(|k| k.resource.kind.as_str())
+        .filter(|k| !matches!(*k, "CustomResourceDefinition" | "Secret"))
+        .collect();
     let mut doomed: Vec<(String, Option<String>, String)> = ctx
         .stores
         .index
-        .children_of(&PRUNED_KINDS, &ns, &name)
+        .children_of(&indexed, &ns, &name)
         .into_iter()
         .filter(|(kind, obj_ns, obj_name)| {
             in_place(kind, obj_ns) && !desired.contains(&(kind.to_string(), obj_name.clone()))
@@ -1279,7 +1270,7 @@ async fn prune(
         let label = |k: &str| m.labels.as_ref().and_then(|l| l.get(k));
         let secret_name = m.name.clone().unwrap_or_default();
         if label(LABEL_STACK) == Some(&name)
-            && label(LABEL_STACK_NS) == Some(&ns)
+            && label(LABEL_STACK_NAMESPACE) == Some(&ns)
             && in_place("Secret", &m.namespace)
             && !desired.contains(&("Secret".to_owned(), secret_name.clone()))
         {
