@@ -6,7 +6,7 @@
 //! is re-applied only when what kab wants changed or the object changed under it (deleted, or
 //! edited by hand), so an idle stack causes no write at all.
 
-use crate::api::{KabStack, KabStackStatus};
+use crate::api::{EntitySpec, KabStack, KabStackStatus};
 use crate::certs::{self, CertPolicy, PkiState};
 use crate::index::{Index, Summarize, version_of};
 use crate::render::{
@@ -1140,14 +1140,21 @@ fn cert_facts(stack: &KabStack, ctx: &Ctx, _now: Timestamp) -> Option<CertFacts>
 }
 
 /// Whether another stack declares the same entity differently, or the CRD exists unmanaged.
+/// Whether two entity declarations name the same CRD; runs for every stack on every reconcile,
+/// so the common cases (other group; same kind and plural) are decided without formatting names.
+fn same_crd(a: &EntitySpec, b: &EntitySpec) -> bool {
+    a.group == b.group && ((a.kind == b.kind && a.plural == b.plural) || a.plural() == b.plural())
+}
+
 async fn crd_conflict(stack: &KabStack, ctx: &Ctx) -> Result<Option<String>, Error> {
-    let crd_name = stack.spec.entity.crd_name();
+    let e = &stack.spec.entity;
+    let crd_name = e.crd_name();
     let others: Vec<Arc<KabStack>> = ctx
         .stores
         .stacks
         .state()
         .into_iter()
-        .filter(|s| s.spec.entity.crd_name() == crd_name && s.metadata.deletion_timestamp.is_none())
+        .filter(|s| s.metadata.deletion_timestamp.is_none() && same_crd(&s.spec.entity, e))
         .collect();
     if let Some(message) = sharing_conflict(stack, &others) {
         return Ok(Some(message));
@@ -1835,6 +1842,33 @@ mod tests {
         let msg = sharing_conflict(&c, &users).unwrap();
         assert!(msg.contains("KabStack a/todo"), "{msg}");
         assert!(msg.contains("todos.todo.example.com"));
+    }
+
+    #[test]
+    fn same_crd_compares_plural_and_group() {
+        let entity = |group: &str, kind: &str, plural: Option<&str>| {
+            let mut e = stack("a", "todo", "2026-11-27T10:00:00Z", serde_json::json!({}))
+                .spec
+                .entity
+                .clone();
+            e.group = group.into();
+            e.kind = kind.into();
+            e.plural = plural.map(Into::into);
+            e
+        };
+        let todo = entity("todo.example.com", "Todo", None);
+        assert!(same_crd(&todo, &entity("todo.example.com", "Todo", None)));
+        // The kind differs, the CRD name (todos.todo.example.com) does not.
+        assert!(same_crd(
+            &todo,
+            &entity("todo.example.com", "TODO", Some("todos"))
+        ));
+        assert!(!same_crd(&todo, &entity("other.example.com", "Todo", None)));
+        assert!(!same_crd(
+            &todo,
+            &entity("todo.example.com", "Todo", Some("todoes"))
+        ));
+        assert!(!same_crd(&todo, &entity("todo.example.com", "Task", None)));
     }
 
     #[test]

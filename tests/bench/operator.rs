@@ -4,7 +4,8 @@
 //!
 //! Knobs: `KAB_BENCH_P1` (stacks in P1, default 30), `KAB_BENCH_P2` (stacks in P2, default 500),
 //! `KAB_BENCH_IDLE_SECS` (idle window after P2, default 60), `KAB_BENCH_P2_ORDER`
-//! (`floor-first` default, or `kab-first`), `KAB_BENCH_OPERATOR_CONCURRENCY` (passed as
+//! (`floor-first` default, or `kab-first`), `KAB_BENCH_FLOOR_SSA=1` (also a floor that applies
+//! instead of POSTing, in P1 and P2: a diagnostic), `KAB_BENCH_OPERATOR_CONCURRENCY` (passed as
 //! `--concurrency` and used as the floor's stack parallelism; default: the operator's default,
 //! 16), `KAB_BENCH_P2_TIMEOUT` (seconds, default 900).
 
@@ -411,6 +412,8 @@ struct P1 {
     kab_ready: Vec<f64>,
     floor_applied: Vec<f64>,
     floor_ready: Vec<f64>,
+    /// With `KAB_BENCH_FLOOR_SSA=1`: the floor again, applying instead of POSTing.
+    ssa_applied: Vec<f64>,
 }
 
 pub async fn run() -> anyhow::Result<Report> {
@@ -478,10 +481,14 @@ pub async fn run() -> anyhow::Result<Report> {
     let p1_ns: Vec<(String, String)> = (0..=p1_n)
         .map(|i| (format!("kb-p1-kab-{i}"), format!("kb-p1-floor-{i}")))
         .collect();
-    let all: Vec<String> = p1_ns
+    let p1_ssa_ns: Vec<String> = (0..=p1_n).map(|i| format!("kb-p1-ssa-{i}")).collect();
+    let mut all: Vec<String> = p1_ns
         .iter()
         .flat_map(|(a, b)| [a.clone(), b.clone()])
         .collect();
+    if floor_ssa {
+        all.extend(p1_ssa_ns.iter().cloned());
+    }
     common::create_namespaces(&client, &all, &BTreeMap::new(), 16).await?;
     wait_default_service_accounts(&obs, &all).await?;
     let cpu_p1_start = common::cpu_seconds(operator.pid()).unwrap_or(0.0);
@@ -506,6 +513,7 @@ pub async fn run() -> anyhow::Result<Report> {
         kab_ready: vec![],
         floor_applied: vec![],
         floor_ready: vec![],
+        ssa_applied: vec![],
     };
     let gap = Duration::from_millis(common::env_usize("KAB_BENCH_P1_GAP_MS", 500) as u64);
     let mut per_stack = Vec::new();
@@ -518,10 +526,18 @@ pub async fn run() -> anyhow::Result<Report> {
             if (turn == 0) == kab_first_here {
                 k = Some(p1_kab(&client, &obs, kns).await?);
             } else {
-                f = Some(p1_floor(&client, &obs, &registrar, fns).await?);
+                f = Some(p1_floor(&client, &obs, &registrar, fns, false).await?);
             }
             tokio::time::sleep(gap).await;
         }
+        // The SSA floor (diagnostic) goes last, so the kab/floor alternation stays as it was.
+        let ssa = if floor_ssa {
+            let r = p1_floor(&client, &obs, &registrar, &p1_ssa_ns[i], true).await?;
+            tokio::time::sleep(gap).await;
+            Some(r.0)
+        } else {
+            None
+        };
         let (ka, kr) = k.unwrap_or_default();
         let (fa, fr) = f.unwrap_or_default();
         if i == 0 {
@@ -545,6 +561,9 @@ pub async fn run() -> anyhow::Result<Report> {
         p1.kab_ready.push(ms(kr));
         p1.floor_applied.push(ms(fa));
         p1.floor_ready.push(ms(fr));
+        if let Some(sa) = ssa {
+            p1.ssa_applied.push(ms(sa));
+        }
         per_stack.push(json!({"kab_applied_ms": ms(ka), "kab_ready_ms": ms(kr), "floor_applied_ms": ms(fa), "floor_ready_ms": ms(fr)}));
     }
     let cpu_p1 = common::cpu_seconds(operator.pid()).unwrap_or(0.0) - cpu_p1_start;
@@ -586,6 +605,7 @@ pub async fn run() -> anyhow::Result<Report> {
             "kab_ready_ms": common::summary(&p1.kab_ready),
             "floor_applied_ms": common::summary(&p1.floor_applied),
             "floor_ready_ms": common::summary(&p1.floor_ready),
+            "ssa_floor_applied_ms": common::summary(&p1.ssa_applied),
             "operator_cpu_seconds": cpu_p1,
             "operator_rss_mib": {"start": rss_start, "after_p1": rss_after_p1},
             "per_stack": per_stack,
@@ -616,6 +636,17 @@ pub async fn run() -> anyhow::Result<Report> {
         )
         .target("≤ 1.4× floor", ka50 <= 1.4 * fa50),
     );
+    if !p1.ssa_applied.is_empty() {
+        report.rows.push(
+            Row::new(
+                "P1 children applied p50 vs floor with server-side apply",
+                "ms",
+                Some(ka50),
+                Some(percentile(&p1.ssa_applied, 50.0)),
+            )
+            .info("(diagnostic: floor applies instead of POSTs)"),
+        );
+    }
     report.rows.push(
         Row::new("P1 children applied p99", "ms", Some(ka99), Some(fa99))
             .target("≤ 150 ms", ka99 <= 150.0),
@@ -652,14 +683,27 @@ pub async fn run() -> anyhow::Result<Report> {
     let mut floor_result = None;
     let mut kab_result = None;
     let mut ssa_result = None;
-    let mut phases = if kab_first {
-        vec!["kab", "floor"]
+    // Each floor phase is cleared (namespaces deleted, waited until gone) before the next phase:
+    // a phase that runs on a plane holding another phase's 500 stacks pays for them (the scheduler
+    // weighs every pod on the node, the controllers' and the API server's caches grow), measured at
+    // 10-20% per earlier phase. kab's stacks stay for the idle window, so kab runs last by default.
+    let floors: &[&str] = if floor_ssa {
+        &["floor", "floor-ssa"]
     } else {
-        vec!["floor", "kab"]
+        &["floor"]
     };
-    if floor_ssa {
-        phases.push("floor-ssa");
-    }
+    let phases: Vec<&str> = if kab_first {
+        std::iter::once("kab")
+            .chain(floors.iter().copied())
+            .collect()
+    } else {
+        floors
+            .iter()
+            .copied()
+            .chain(std::iter::once("kab"))
+            .collect()
+    };
+    let mut cleared: Vec<(&str, f64)> = Vec::new();
     for phase in phases {
         tokio::time::sleep(settle).await;
         match phase {
@@ -686,6 +730,7 @@ pub async fn run() -> anyhow::Result<Report> {
                     .await?,
                 );
                 drop_floor_registrations(&client).await?;
+                cleared.push(("floor", clear_phase(&client, &floor_ns).await?));
             }
             _ => {
                 let fs: Vec<FloorStack> = ssa_ns
@@ -706,8 +751,14 @@ pub async fn run() -> anyhow::Result<Report> {
                     .await?,
                 );
                 drop_floor_registrations(&client).await?;
+                cleared.push(("floor-ssa", clear_phase(&client, &ssa_ns).await?));
             }
         }
+    }
+    for (phase, took) in &cleared {
+        report.note(format!(
+            "P2 {phase}: its {p2_n} namespaces deleted and gone {took:.1} s after the phase, before the next one (not timed)"
+        ));
     }
     let floor = floor_result.ok_or_else(|| anyhow!("no floor result"))?;
     let kab = kab_result.ok_or_else(|| anyhow!("no kab result"))?;
@@ -792,7 +843,7 @@ pub async fn run() -> anyhow::Result<Report> {
                 kab_all,
                 ssa_all,
             )
-            .info("(diagnostic: floor applies instead of POSTs; ran last)"),
+            .info("(diagnostic: floor applies instead of POSTs; ran second)"),
         );
         report.note(format!(
             "P2 CPU seconds while the SSA floor ran ({:.1} s): {}",
@@ -935,11 +986,13 @@ pub async fn run() -> anyhow::Result<Report> {
         "idle: {idle_lease} leader-election Lease writes excluded (kab-system), {idle_reads} reads, operator CPU {idle_cpu:.2} s; other writes: {idle_writes:?}"
     ));
     report.note(format!(
-        "P2 order: {}; the second phase runs on a plane that holds the first one's objects (the floor's webhook registrations are deleted after its phase: the API server weighs every registration on every write)",
+        "P2 order: {}; each floor phase's namespaces are deleted (and waited for) before the next phase, so every phase starts on a plane of the same size (kab's stay: the idle window follows); the floor's webhook registrations go with them (the API server weighs every registration on every write)",
         if kab_first {
-            "kab first, then floor"
+            "kab first, then the floor (which then runs beside kab's 500 stacks: conservative for the floor)"
+        } else if floor_ssa {
+            "floor, floor with server-side apply, then kab"
         } else {
-            "floor first, then kab (conservative for kab)"
+            "floor, then kab"
         }
     ));
     if !alive {
@@ -1232,9 +1285,10 @@ async fn p1_floor(
     obs: &Observer,
     registrar: &Registrar,
     ns: &str,
+    ssa: bool,
 ) -> anyhow::Result<(Duration, Duration)> {
     let exp = expected(ns, FLOOR_GROUP)?;
-    let fs = floor_stack(ns, false)?;
+    let fs = floor_stack(ns, ssa)?;
     registrar.expect(fs.registration.clone());
     let t0 = Instant::now();
     run_floor_stack(client.clone(), fs.objects).await?;
@@ -1347,6 +1401,57 @@ struct KabP2 {
     reconciles: f64,
     create_took: Duration,
     procs: BTreeMap<String, f64>,
+}
+
+/// Deletes a finished floor phase's namespaces and waits until they are gone (polling a
+/// metadata list of namespaces); returns the seconds it took.
+async fn clear_phase(client: &kube::Client, names: &[String]) -> anyhow::Result<f64> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{DeleteParams, ListParams};
+    let api: Api<Namespace> = Api::all(client.clone());
+    let t = Instant::now();
+    futures::stream::iter(names.iter().cloned())
+        .map(|name| {
+            let api = api.clone();
+            async move {
+                match api.delete(&name, &DeleteParams::background()).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+                    Err(e) => {
+                        Err(anyhow::Error::new(e).context(format!("deleting namespace {name}")))
+                    }
+                }
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let wanted: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+    let timeout = Duration::from_secs(900);
+    loop {
+        let left = api
+            .list_metadata(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|n| {
+                n.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| wanted.contains(n))
+            })
+            .count();
+        if left == 0 {
+            return Ok(t.elapsed().as_secs_f64());
+        }
+        if t.elapsed() > timeout {
+            anyhow::bail!(
+                "{left} of {} namespaces still there after {timeout:?}",
+                names.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// The end of a P2 phase: when the last stack became ready (if all did in time), when the last
