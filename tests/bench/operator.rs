@@ -704,7 +704,8 @@ pub async fn run() -> anyhow::Result<Report> {
             .collect()
     };
     let mut cleared: Vec<(&str, f64)> = Vec::new();
-    for phase in phases {
+    let last = phases.len() - 1;
+    for (i, phase) in phases.into_iter().enumerate() {
         tokio::time::sleep(settle).await;
         match phase {
             "kab" => {
@@ -730,7 +731,9 @@ pub async fn run() -> anyhow::Result<Report> {
                     .await?,
                 );
                 drop_floor_registrations(&client).await?;
-                cleared.push(("floor", clear_phase(&client, &floor_ns).await?));
+                if i < last {
+                    cleared.push(("floor", clear_phase(&client, &floor_ns).await?));
+                }
             }
             _ => {
                 let fs: Vec<FloorStack> = ssa_ns
@@ -751,7 +754,9 @@ pub async fn run() -> anyhow::Result<Report> {
                     .await?,
                 );
                 drop_floor_registrations(&client).await?;
-                cleared.push(("floor-ssa", clear_phase(&client, &ssa_ns).await?));
+                if i < last {
+                    cleared.push(("floor-ssa", clear_phase(&client, &ssa_ns).await?));
+                }
             }
         }
     }
