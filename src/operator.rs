@@ -23,6 +23,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
     Api, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams, PostParams,
@@ -506,6 +507,8 @@ fn backoff(failures: u32) -> Duration {
 #[derive(Clone, Debug)]
 struct Outline {
     step: Step,
+    /// The template it comes from: a re-render renders just the templates to apply again.
+    template: &'static str,
     kind: &'static str,
     namespace: Option<Arc<str>>,
     name: String,
@@ -542,6 +545,7 @@ impl Outline {
         let kind = render::kind_for(&child.resource.api_version, &child.resource.kind)
             .map_or("(unsupported)", |k| k.resource.kind.as_str());
         Outline {
+            template: child.template,
             step: child.step,
             kind,
             namespace: strings.get(child.object.metadata.namespace.as_deref()),
@@ -668,41 +672,51 @@ async fn apply(stack: Arc<KabStack>, ctx: Arc<Ctx>, gate: Gate) -> Result<Action
         .filter(|(_, c)| !applied_already(&ctx, c))
         .map(|(i, _)| i)
         .collect();
-    // The objects themselves are not cached: rendered again when something is to be applied.
+    // The objects themselves are not cached: what is to be applied is rendered again (only its
+    // templates).
     let rendered = match fresh {
         Some(r) => Some(r),
         None if needed.is_empty() => None,
-        None => match render::render(&ctx.templates, &stack, &ctx.settings, &facts) {
-            Ok(r) => Some(r),
-            Err(e) => return render_failed(&stack, &ctx, &gate, &e, entity, now).await,
-        },
+        None => {
+            let wanted: HashSet<&str> = needed
+                .iter()
+                .map(|&i| prepared.children[i].template)
+                .collect();
+            match render::render_only(&ctx.templates, &stack, &ctx.settings, &facts, |file| {
+                wanted.contains(file)
+            }) {
+                Ok(r) => Some(r),
+                Err(e) => return render_failed(&stack, &ctx, &gate, &e, entity, now).await,
+            }
+        }
     };
-    let applies: Vec<_> = match &rendered {
-        Some(r) if r.children.len() == prepared.children.len() => needed
-            .iter()
-            .map(|&i| {
-                let o = &prepared.children[i];
-                let apply = apply_child(ctx.clone(), r.children[i].clone(), o.key, o.hash);
-                if o.namespaced {
-                    apply.boxed()
-                } else {
-                    let gate = gate.clone();
-                    async move {
-                        gate.open().await?;
-                        apply.await
-                    }
-                    .boxed()
-                }
-            })
-            .collect(),
-        Some(_) => {
+    let mut applies = Vec::with_capacity(needed.len());
+    // (Nothing is rendered only when nothing is needed.)
+    for &i in &needed {
+        let o = &prepared.children[i];
+        let child = rendered.as_ref().and_then(|r| {
+            r.children
+                .iter()
+                .find(|c| c.template == o.template && child_key(c) == o.key)
+        });
+        let Some(child) = child else {
             // Rendering is deterministic; should it ever differ, start over from a fresh render.
-            tracing::warn!(stack = %format!("{ns}/{name}"), "a re-render differs from the cached outline; rendering afresh");
+            tracing::warn!(stack = %format!("{ns}/{name}"), template = o.template, "a re-render differs from the cached outline; rendering afresh");
             lock(&ctx.prepared).remove(&ObjectRef::from_obj(stack.as_ref()));
             return Ok(Action::requeue(Duration::from_secs(1)));
-        }
-        None => Vec::new(),
-    };
+        };
+        let apply = apply_child(ctx.clone(), child.clone(), o.key, o.hash);
+        applies.push(if o.namespaced {
+            apply.boxed()
+        } else {
+            let gate = gate.clone();
+            async move {
+                gate.open().await?;
+                apply.await
+            }
+            .boxed()
+        });
+    }
     let secrets = async {
         if pki_changed {
             apply_secrets(&stack, &ctx, &pki, &names).await
@@ -975,26 +989,52 @@ fn applied_already(ctx: &Ctx, child: &Outline) -> bool {
 /// Applies one child with server-side apply.
 async fn apply_child(ctx: Arc<Ctx>, child: Child, key: u64, hash: u64) -> Result<(), Error> {
     let child = &child;
-    let name = child.object.metadata.name.clone().unwrap_or_default();
-    let api: Api<DynamicObject> = match (&child.object.metadata.namespace, child.namespaced) {
-        (Some(ns), true) => Api::namespaced_with(ctx.client.clone(), ns, &child.resource),
-        _ => Api::all_with(ctx.client.clone(), &child.resource),
+    let name = child.object.metadata.name.as_deref().unwrap_or_default();
+    let ns = child
+        .object
+        .metadata
+        .namespace
+        .as_deref()
+        .filter(|_| child.namespaced);
+    let failed = |source| Error::Kube {
+        step: step_name(child.step),
+        object: describe(child),
+        source,
     };
-    let applied = api
-        .patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&child.object),
-        )
-        .await
-        .map_err(|source| Error::Kube {
-            step: step_name(child.step),
-            object: describe(child),
-            source,
-        })?;
-    let version = version_of(&applied.metadata);
+    let mut request = kube::core::Request::new(DynamicObject::url_path(&child.resource, ns))
+        .patch(name, &apply_params(MANAGER), &Patch::Apply(&child.object))
+        .map_err(|e| failed(kube::Error::BuildRequest(e)))?;
+    request.extensions_mut().insert("patch");
+    let applied: AppliedAnswer = ctx.client.request(request).await.map_err(failed)?;
+    let version = version_of(&ObjectMeta {
+        generation: applied.metadata.generation,
+        resource_version: applied.metadata.resource_version,
+        ..Default::default()
+    });
     lock(&ctx.applied).insert(key, Applied { hash, version });
     Ok(())
+}
+
+/// Server-side apply, forced, as `manager`, with field validation off: what kab applies was
+/// checked against its type when rendered (children: a lossless round trip through k8s-openapi;
+/// status: serialised from `KabStackStatus`), and with validation on the API server parses every
+/// apply body as YAML a second time, strictly, only to look for duplicate or unknown fields.
+fn apply_params(manager: &str) -> PatchParams {
+    PatchParams::apply(manager).force().validation_ignore()
+}
+
+/// What kab reads of an apply's answer: the version the watches will show. Reading only this
+/// skips building the whole object and its managedFields, most of the answer.
+#[derive(serde::Deserialize)]
+struct AppliedAnswer {
+    metadata: AppliedMeta,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AppliedMeta {
+    generation: Option<i64>,
+    resource_version: Option<String>,
 }
 
 fn observed_version(ctx: &Ctx, child: &Outline) -> Option<String> {
@@ -1078,18 +1118,14 @@ async fn apply_secrets(
         value["kind"] = "Secret".into();
         let object = format!("Secret {ns}/{name}");
         async move {
-            api.patch(
-                &name,
-                &PatchParams::apply(MANAGER_CERTS).force(),
-                &Patch::Apply(&value),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|source| Error::Kube {
-                step: "apply certificates",
-                object,
-                source,
-            })
+            api.patch(&name, &apply_params(MANAGER_CERTS), &Patch::Apply(&value))
+                .await
+                .map(|_| ())
+                .map_err(|source| Error::Kube {
+                    step: "apply certificates",
+                    object,
+                    source,
+                })
         }
     };
     let (ca, tls) = futures::join!(
@@ -1723,17 +1759,13 @@ async fn write_status(
         "kind": "KabStack",
         "status": new,
     });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(MANAGER_STATUS).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|source| Error::Kube {
-        step: "write status",
-        object: format!("KabStack {ns}/{name}"),
-        source,
-    })?;
+    api.patch_status(&name, &apply_params(MANAGER_STATUS), &Patch::Apply(&patch))
+        .await
+        .map_err(|source| Error::Kube {
+            step: "write status",
+            object: format!("KabStack {ns}/{name}"),
+            source,
+        })?;
     lock(&ctx.status_written).insert(sref, std::time::Instant::now());
     Ok(None)
 }

@@ -121,7 +121,7 @@ impl Step {
 #[derive(Clone, Debug)]
 pub struct Child {
     /// File name of the template it comes from, e.g. `webhook-deployment.yaml.hbs`.
-    pub template: String,
+    pub template: &'static str,
     /// When it is applied.
     pub step: Step,
     /// The object, with labels, namespace and owner reference set.
@@ -531,10 +531,22 @@ pub fn render(
     settings: &Settings,
     facts: &Facts,
 ) -> Result<Rendered, RenderError> {
+    render_only(templates, stack, settings, facts, |_| true)
+}
+
+/// Renders only the templates `wanted` accepts (by file name), as [`render`] would render them:
+/// the operator re-renders just the children it has to apply again.
+pub fn render_only(
+    templates: &Templates,
+    stack: &KabStack,
+    settings: &Settings,
+    facts: &Facts,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<Rendered, RenderError> {
     let registry = templates.registry.as_ref().map_err(Clone::clone)?;
     let data = context::build(stack, settings, facts)?;
     let mut children: Vec<Child> = Vec::new();
-    for (file, step, _) in TEMPLATES {
+    for (file, step, _) in TEMPLATES.iter().filter(|(file, _, _)| wanted(file)) {
         let text = registry
             .render(file, &data)
             .map_err(|e| template_error(file, e))?;
@@ -548,15 +560,15 @@ pub fn render(
                 && c.resource.api_version == child.resource.api_version
         }) {
             return Err(RenderError::Duplicate {
-                template: child.template,
-                first: first.template.clone(),
+                template: child.template.to_owned(),
+                first: first.template.to_owned(),
                 kind: first.kind().to_owned(),
                 name: first.name().to_owned(),
             });
         }
         children.push(child);
     }
-    children.sort_by(|a, b| (a.step, &a.template).cmp(&(b.step, &b.template)));
+    children.sort_by_key(|c| (c.step, c.template));
     Ok(Rendered { children })
 }
 
@@ -602,7 +614,12 @@ fn parse_one(file: &str, text: &str) -> Result<Option<Value>, RenderError> {
 
 /// Checks the kind, then sets what code (not templates) owns on every child: labels, namespace,
 /// owner reference. Finally checks the object against its k8s-openapi type.
-fn finish(file: &str, step: Step, object: Value, stack: &KabStack) -> Result<Child, RenderError> {
+fn finish(
+    file: &'static str,
+    step: Step,
+    object: Value,
+    stack: &KabStack,
+) -> Result<Child, RenderError> {
     let not_an_object = |message: &str| RenderError::NotAnObject {
         template: file.to_owned(),
         message: message.to_owned(),
@@ -666,7 +683,7 @@ fn finish(file: &str, step: Step, object: Value, stack: &KabStack) -> Result<Chi
     let value = serde_json::to_value(&dynamic).map_err(|e| invalid(e.to_string()))?;
     supported.check(&value).map_err(invalid)?;
     Ok(Child {
-        template: file.to_owned(),
+        template: file,
         step,
         object: dynamic,
         resource: supported.resource.clone(),

@@ -158,11 +158,55 @@ fn the_todo_stack_has_every_child_in_apply_order() {
     let order: Vec<_> = rendered
         .children
         .iter()
-        .map(|c| (c.step, c.template.clone()))
+        .map(|c| (c.step, c.template))
         .collect();
     let mut sorted = order.clone();
     sorted.sort();
     assert_eq!(order, sorted);
+}
+
+#[test]
+fn rendering_some_templates_gives_the_same_children_as_the_whole_render() {
+    let stack = example("todo");
+    let all = render_stack(&stack);
+    let wanted = [
+        "webhook-registration.yaml.hbs",
+        "webhook-service.yaml.hbs",
+        "not-a-template.yaml.hbs",
+    ];
+    let some = render_only(
+        &Templates::embedded(),
+        &stack,
+        &Settings::default(),
+        &Facts::default(),
+        |file| wanted.contains(&file),
+    )
+    .unwrap();
+    let templates: Vec<&str> = some.children.iter().map(|c| c.template).collect();
+    assert_eq!(
+        templates,
+        ["webhook-service.yaml.hbs", "webhook-registration.yaml.hbs"]
+    );
+    for child in &some.children {
+        let same = all
+            .children
+            .iter()
+            .find(|c| c.template == child.template)
+            .unwrap();
+        assert_eq!(
+            serde_json::to_value(&same.object).unwrap(),
+            serde_json::to_value(&child.object).unwrap()
+        );
+    }
+    let none = render_only(
+        &Templates::embedded(),
+        &stack,
+        &Settings::default(),
+        &Facts::default(),
+        |_| false,
+    )
+    .unwrap();
+    assert!(none.children.is_empty());
 }
 
 #[test]

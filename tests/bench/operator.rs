@@ -727,6 +727,7 @@ pub async fn run() -> anyhow::Result<Report> {
                         &floor_ns,
                         concurrency,
                         p2_timeout,
+                        "apiserver-p2-floor",
                     )
                     .await?,
                 );
@@ -750,6 +751,7 @@ pub async fn run() -> anyhow::Result<Report> {
                         &ssa_ns,
                         concurrency,
                         p2_timeout,
+                        "apiserver-p2-floor-ssa",
                     )
                     .await?,
                 );
@@ -1330,6 +1332,7 @@ async fn p2_floor(
     namespaces: &[String],
     concurrency: usize,
     timeout: Duration,
+    profile: &str,
 ) -> anyhow::Result<FloorP2> {
     let exps: Vec<Vec<(Key, bool)>> = namespaces
         .iter()
@@ -1346,6 +1349,7 @@ async fn p2_floor(
         plane,
         vec![("bench (floor client + watches)", std::process::id())],
     );
+    let pprof = common::PprofCapture::start(plane, profile);
     eprintln!(
         "bench operator: P2 floor: {} stacks, {writes} POSTs",
         work.len()
@@ -1369,6 +1373,12 @@ async fn p2_floor(
     creating.await??;
     let bench_cpu = common::cpu_seconds(std::process::id()).unwrap_or(0.0) - cpu0;
     let procs = phase_cpu.stop(plane);
+    if let Some(path) = pprof.finish() {
+        eprintln!(
+            "bench operator: P2 floor: kube-apiserver CPU profile in {}",
+            path.display()
+        );
+    }
     let ready: Vec<f64> = exps
         .iter()
         .filter_map(|e| all_ready_at(obs, e, t0))
