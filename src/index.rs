@@ -153,9 +153,14 @@ impl PodFacts {
 /// moves only with the spec, so status churn — Deployments, StatefulSets, PDBs, CRDs — does not
 /// cause re-applies), the resourceVersion for kinds without one (ConfigMaps, Secrets, RBAC…).
 pub fn version_of(meta: &ObjectMeta) -> String {
-    match meta.generation {
+    version(meta.generation, meta.resource_version.as_deref())
+}
+
+/// [`version_of`], from the two fields it reads.
+pub fn version(generation: Option<i64>, resource_version: Option<&str>) -> String {
+    match generation {
         Some(g) => format!("g{g}"),
-        None => format!("r{}", meta.resource_version.as_deref().unwrap_or_default()),
+        None => format!("r{}", resource_version.unwrap_or_default()),
     }
 }
 

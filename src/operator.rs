@@ -8,7 +8,7 @@
 
 use crate::api::{EntitySpec, KabStack, KabStackStatus};
 use crate::certs::{self, CertPolicy, PkiState};
-use crate::index::{Index, Summarize, version_of};
+use crate::index::{Index, Summarize, version, version_of};
 use crate::render::{
     self, Child, Facts, LABEL_COMPONENT, LABEL_STACK, LABEL_STACK_NAMESPACE, Rendered, Settings,
     Step, Templates,
@@ -23,7 +23,6 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
     Api, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams, PostParams,
@@ -1006,11 +1005,8 @@ async fn apply_child(ctx: Arc<Ctx>, child: Child, key: u64, hash: u64) -> Result
         .map_err(|e| failed(kube::Error::BuildRequest(e)))?;
     request.extensions_mut().insert("patch");
     let applied: AppliedAnswer = ctx.client.request(request).await.map_err(failed)?;
-    let version = version_of(&ObjectMeta {
-        generation: applied.metadata.generation,
-        resource_version: applied.metadata.resource_version,
-        ..Default::default()
-    });
+    let meta = applied.metadata;
+    let version = version(meta.generation, meta.resource_version.as_deref());
     lock(&ctx.applied).insert(key, Applied { hash, version });
     Ok(())
 }
@@ -1175,13 +1171,13 @@ fn cert_facts(stack: &KabStack, ctx: &Ctx, _now: Timestamp) -> Option<CertFacts>
     cert_facts_from(&pki_state(ctx, &ns, &names), &cert_policy(stack))
 }
 
-/// Whether another stack declares the same entity differently, or the CRD exists unmanaged.
 /// Whether two entity declarations name the same CRD; runs for every stack on every reconcile,
 /// so the common cases (other group; same kind and plural) are decided without formatting names.
 fn same_crd(a: &EntitySpec, b: &EntitySpec) -> bool {
     a.group == b.group && ((a.kind == b.kind && a.plural == b.plural) || a.plural() == b.plural())
 }
 
+/// Whether another stack declares the same entity differently, or the CRD exists unmanaged.
 async fn crd_conflict(stack: &KabStack, ctx: &Ctx) -> Result<Option<String>, Error> {
     let e = &stack.spec.entity;
     let crd_name = e.crd_name();

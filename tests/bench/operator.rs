@@ -712,52 +712,34 @@ pub async fn run() -> anyhow::Result<Report> {
                 kab_result =
                     Some(p2_kab(&plane, &client, &obs, &mut operator, &kab_ns, p2_timeout).await?)
             }
-            "floor" => {
-                let fs: Vec<FloorStack> = floor_ns
+            floor => {
+                // The POST floor, or the floor that server-side applies (a diagnostic).
+                let ssa = floor == "floor-ssa";
+                let namespaces = if ssa { &ssa_ns } else { &floor_ns };
+                let fs: Vec<FloorStack> = namespaces
                     .iter()
-                    .map(|ns| floor_stack(ns, false))
+                    .map(|ns| floor_stack(ns, ssa))
                     .collect::<anyhow::Result<_>>()?;
-                floor_result = Some(
-                    p2_floor(
-                        &plane,
-                        &client,
-                        &obs,
-                        &registrar,
-                        fs,
-                        &floor_ns,
-                        concurrency,
-                        p2_timeout,
-                        "apiserver-p2-floor",
-                    )
-                    .await?,
-                );
-                drop_floor_registrations(&client).await?;
-                if i < last {
-                    cleared.push(("floor", clear_phase(&client, &floor_ns).await?));
+                let result = p2_floor(
+                    &plane,
+                    &client,
+                    &obs,
+                    &registrar,
+                    fs,
+                    namespaces,
+                    concurrency,
+                    p2_timeout,
+                    &format!("apiserver-p2-{floor}"),
+                )
+                .await?;
+                if ssa {
+                    ssa_result = Some(result);
+                } else {
+                    floor_result = Some(result);
                 }
-            }
-            _ => {
-                let fs: Vec<FloorStack> = ssa_ns
-                    .iter()
-                    .map(|ns| floor_stack(ns, true))
-                    .collect::<anyhow::Result<_>>()?;
-                ssa_result = Some(
-                    p2_floor(
-                        &plane,
-                        &client,
-                        &obs,
-                        &registrar,
-                        fs,
-                        &ssa_ns,
-                        concurrency,
-                        p2_timeout,
-                        "apiserver-p2-floor-ssa",
-                    )
-                    .await?,
-                );
                 drop_floor_registrations(&client).await?;
                 if i < last {
-                    cleared.push(("floor-ssa", clear_phase(&client, &ssa_ns).await?));
+                    cleared.push((floor, clear_phase(&client, namespaces).await?));
                 }
             }
         }
@@ -850,7 +832,7 @@ pub async fn run() -> anyhow::Result<Report> {
                 kab_all,
                 ssa_all,
             )
-            .info("(diagnostic: floor applies instead of POSTs; ran second)"),
+            .info("(diagnostic: floor applies instead of POSTs)"),
         );
         report.note(format!(
             "P2 CPU seconds while the SSA floor ran ({:.1} s): {}",

@@ -394,7 +394,7 @@ async fn external_rule_allows_denies_times_out_and_fails_open(ctx: Ctx) -> anyho
     create(&todos, &env.entity("ok-1", json!({"code": "ok"}))).await?;
     // In order, strict first; the API server may repeat a webhook call (a retried connection),
     // so the check is on the sequence of rules asked, not on a count.
-    let seen = app.payloads.lock().unwrap_or_else(|p| p.into_inner())[before..].to_vec();
+    let seen = app.sent_since(before);
     let rules: Vec<&str> = seen.iter().filter_map(|p| p["rule"].as_str()).collect();
     ensure!(
         rules.first() == Some(&"app-strict") && rules.contains(&"app-lenient"),
@@ -455,7 +455,7 @@ async fn external_rule_allows_denies_times_out_and_fails_open(ctx: Ctx) -> anyho
     todos
         .patch("ok-1", &PatchParams::default(), &Patch::Merge(&labels))
         .await?;
-    let sent = app.payloads.lock().unwrap_or_else(|p| p.into_inner())[calls..].to_vec();
+    let sent = app.sent_since(calls);
     ensure!(
         sent.is_empty(),
         "a label change was sent to the app: {sent:?}"
@@ -464,7 +464,7 @@ async fn external_rule_allows_denies_times_out_and_fails_open(ctx: Ctx) -> anyho
     todos
         .patch("ok-1", &PatchParams::default(), &Patch::Merge(&spec))
         .await?;
-    let sent = app.payloads.lock().unwrap_or_else(|p| p.into_inner())[calls..].to_vec();
+    let sent = app.sent_since(calls);
     let rules: std::collections::BTreeSet<&str> =
         sent.iter().filter_map(|p| p["rule"].as_str()).collect();
     ensure!(
@@ -1212,6 +1212,11 @@ impl BusinessApp {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+
+    /// What the app was sent after its first `calls` calls.
+    fn sent_since(&self, calls: usize) -> Vec<Value> {
+        self.payloads.lock().unwrap_or_else(|p| p.into_inner())[calls..].to_vec()
     }
 }
 
