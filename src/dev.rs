@@ -108,7 +108,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
 
     step("installing the KabStack CRD");
-    operator::ensure_crd(&client).await?;
+    crate::install::ensure_crd(&client).await?;
 
     step("starting the kab operator");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -273,7 +273,7 @@ pub async fn wait_ready(api: &Api<KabStack>, name: &str, timeout: Duration) -> a
                     eprintln!("    {line}");
                     last = line;
                 }
-                if operator::ready(status) {
+                if crate::health::ready(status) {
                     return Ok(());
                 }
             }

@@ -60,8 +60,8 @@ pub enum Body {
     Pod(Option<Box<PodFacts>>),
 }
 
-/// Of a pod's status, what [`crate::operator::failing_pod`] and
-/// [`crate::operator::unscheduled_pod`] read (a `PodStatus` is ~1 KiB even when nearly empty).
+/// Of a pod's status, what [`crate::health::failing_pod`] and
+/// [`crate::health::unscheduled_pod`] read (a `PodStatus` is ~1 KiB even when nearly empty).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodFacts {
     phase: Option<Box<str>>,
@@ -300,7 +300,7 @@ fn insert(objects: &mut Objects, ns: Option<&str>, name: &str, seen: Seen) {
 
 impl Index {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<&'static str, Kind>> {
-        self.kinds.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.kinds)
     }
 
     /// Follows one watch event.
@@ -570,11 +570,11 @@ mod tests {
         let pods = index.pods("shop", Some("orders"), Some("webhook"));
         assert_eq!(pods.len(), 1);
         assert_eq!(
-            crate::operator::failing_pod(&pods).as_deref(),
+            crate::health::failing_pod(&pods).as_deref(),
             Some("pod orders-webhook-1 CrashLoopBackOff (3 restarts)")
         );
         assert_eq!(
-            crate::operator::unscheduled_pod(&pods).as_deref(),
+            crate::health::unscheduled_pod(&pods).as_deref(),
             Some("pod orders-webhook-1 Unschedulable: no node")
         );
         let status = pods[0].status.as_ref().expect("status");

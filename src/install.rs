@@ -236,6 +236,30 @@ pub fn manifests(namespace: &str, image: &str) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// Creates the KabStack CRD if it is missing (used by `kab dev` and the tests; in a cluster the
+/// install manifests carry it).
+pub async fn ensure_crd(client: &kube::Client) -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::CustomResourceExt;
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = crate::api::KabStack::crd();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply("kab-install").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
+    kube::runtime::wait::await_condition(
+        api,
+        &name,
+        kube::runtime::wait::conditions::is_crd_established(),
+    )
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,11 +4,13 @@
 //! [`api`] (the KabStack type) → [`validate`] → [`render`] → apply/prune ([`operator`]) → [`status`].
 //! [`plane`] runs a local control plane for `kab dev` and the end-to-end tests.
 
+pub mod admission_probe;
 pub mod api;
 pub mod certs;
 pub mod cli;
 pub mod dev;
 pub mod entity_controller;
+pub mod health;
 pub mod hosts;
 pub mod index;
 pub mod install;
@@ -16,7 +18,6 @@ pub mod metrics;
 pub mod olm;
 pub mod operator;
 pub mod plane;
-pub mod probe;
 pub mod render;
 pub mod runtime;
 pub mod status;
@@ -28,6 +29,12 @@ pub fn crd_yaml() -> anyhow::Result<String> {
     use kube::CustomResourceExt;
     let crd = api::KabStack::crd();
     Ok(serde_saphyr::to_string(&crd)?)
+}
+
+/// Locks a mutex of kab's in-memory state. The maps behind kab's mutexes stay consistent enough
+/// to read after a panic elsewhere while one was held, so poisoning is ignored.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -6,8 +6,9 @@
 //! is re-applied only when what kab wants changed or the object changed under it (deleted, or
 //! edited by hand), so an idle stack causes no write at all.
 
-use crate::api::{EntitySpec, KabStack, KabStackStatus};
+use crate::api::{EntitySpec, KabStack};
 use crate::certs::{self, CertPolicy, PkiState};
+use crate::health;
 use crate::index::{Index, Summarize, version, version_of};
 use crate::render::{
     self, Child, Facts, LABEL_COMPONENT, LABEL_STACK, LABEL_STACK_NAMESPACE, Rendered, Settings,
@@ -808,7 +809,7 @@ struct ProbeRecord {
 }
 
 /// Proves the API server → webhook path with a dry-run create of a probe entity that the
-/// webhook must deny (see [`crate::probe`]). Sent again only when something it depends on
+/// webhook must deny (see [`crate::admission_probe`]). Sent again only when something it depends on
 /// changed (webhook rollout, certificate, registration) or 10 minutes passed, so an idle stack
 /// sees no probe writes; a failed probe is retried by the requeue.
 async fn admission_probe(
@@ -869,7 +870,7 @@ async fn admission_probe(
             .hash(&mut h);
         format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
     };
-    let object = crate::probe::probe_object(
+    let object = crate::admission_probe::probe_object(
         &resource.api_version,
         &resource.kind,
         &ns,
@@ -883,7 +884,7 @@ async fn admission_probe(
         ..Default::default()
     };
     let (ready, message) = match api.create(&pp, &obj).await {
-        Err(kube::Error::Api(s)) if s.message.contains(crate::probe::DENIAL_MARKER) => {
+        Err(kube::Error::Api(s)) if s.message.contains(crate::admission_probe::DENIAL_MARKER) => {
             (true, "a dry-run create reached the webhook through its Service and was denied as expected".to_string())
         }
         Err(kube::Error::Api(s)) if s.code == 422 => (
@@ -1395,11 +1396,7 @@ async fn cleanup(stack: Arc<KabStack>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-/// Locks a mutex of the operator's memory; a panic elsewhere while it was held leaves data
-/// that is still consistent enough to read (plain maps), so poisoning is ignored.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::lock;
 
 /// Drops what the operator remembers about a stack that is going away.
 fn forget(stack: &KabStack, ctx: &Ctx) {
@@ -1490,48 +1487,15 @@ fn observe_child(ctx: &Ctx, child: &Outline, webhook_available: bool) -> Observe
         "CustomResourceDefinition" => match s.crds.get(&ObjectRef::new(&name)) {
             None => row(false, false, "not created yet".into()),
             Some(crd) => {
-                let conds = crd
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.conditions.clone())
-                    .unwrap_or_default();
-                let established = conds
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                let names_rejected = conds
-                    .iter()
-                    .find(|c| c.type_ == "NamesAccepted" && c.status == "False");
-                if let Some(c) = names_rejected {
-                    row(
-                        false,
-                        true,
-                        format!(
-                            "names not accepted: {}",
-                            c.message.clone().unwrap_or_default()
-                        ),
-                    )
-                } else if established {
-                    let served: Vec<String> = crd
-                        .spec
-                        .versions
-                        .iter()
-                        .filter(|v| v.served)
-                        .map(|v| v.name.clone())
-                        .collect();
-                    row(
-                        true,
-                        false,
-                        format!("Established, serving {}", served.join(", ")),
-                    )
-                } else {
-                    row(false, false, "not Established yet".into())
-                }
+                let (ready, failing, msg) = health::crd_health(&crd);
+                row(ready, failing, msg)
             }
         },
         "Deployment" => match s.index.deployment(&ns, &name) {
             None => row(false, false, "not created yet".into()),
             Some(d) => {
-                let (ready, failing, msg) = deployment_health_with(&d, || pods_of(ctx, &ns, child));
+                let (ready, failing, msg) =
+                    health::deployment_health_with(&d, || pods_of(ctx, &ns, child));
                 row(ready, failing, msg)
             }
         },
@@ -1539,7 +1503,7 @@ fn observe_child(ctx: &Ctx, child: &Outline, webhook_available: bool) -> Observe
             None => row(false, false, "not created yet".into()),
             Some(st) => {
                 let (ready, failing, msg) =
-                    statefulset_health_with(&st, || pods_of(ctx, &ns, child));
+                    health::statefulset_health_with(&st, || pods_of(ctx, &ns, child));
                 row(ready, failing, msg)
             }
         },
@@ -1577,141 +1541,6 @@ fn pods_of(ctx: &Ctx, ns: &str, child: &Outline) -> Vec<Arc<Pod>> {
     ctx.stores
         .index
         .pods(ns, child.stack_label.as_deref(), child.component.as_deref())
-}
-
-const FAILING_REASONS: [&str; 6] = [
-    "CrashLoopBackOff",
-    "ImagePullBackOff",
-    "ErrImagePull",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-    "RunContainerError",
-];
-
-/// The first failing pod, described: `pod x CrashLoopBackOff (3 restarts)`.
-pub fn failing_pod(pods: &[Arc<Pod>]) -> Option<String> {
-    let mut sorted: Vec<&Arc<Pod>> = pods.iter().collect();
-    sorted.sort_by_key(|p| p.name_any());
-    for p in sorted {
-        let Some(status) = &p.status else { continue };
-        for cs in status.container_statuses.iter().flatten() {
-            let waiting = cs.state.as_ref().and_then(|s| s.waiting.as_ref());
-            if let Some(w) = waiting
-                && let Some(reason) = &w.reason
-                && FAILING_REASONS.contains(&reason.as_str())
-            {
-                return Some(format!(
-                    "pod {} {} ({} restarts)",
-                    p.name_any(),
-                    reason,
-                    cs.restart_count
-                ));
-            }
-        }
-        if status.phase.as_deref() == Some("Failed") {
-            return Some(format!(
-                "pod {} Failed: {}",
-                p.name_any(),
-                status.message.clone().unwrap_or_default()
-            ));
-        }
-    }
-    None
-}
-
-/// The first pod that cannot be scheduled, described (not a failure: it may resolve itself).
-pub fn unscheduled_pod(pods: &[Arc<Pod>]) -> Option<String> {
-    let mut sorted: Vec<&Arc<Pod>> = pods.iter().collect();
-    sorted.sort_by_key(|p| p.name_any());
-    sorted.into_iter().find_map(|p| {
-        let c = p
-            .status
-            .as_ref()?
-            .conditions
-            .as_ref()?
-            .iter()
-            .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
-        Some(format!(
-            "pod {} {}: {}",
-            p.name_any(),
-            c.reason.clone().unwrap_or_else(|| "Pending".into()),
-            c.message.clone().unwrap_or_default()
-        ))
-    })
-}
-
-/// Pure: `(ready, failing, message)` of a Deployment and its pods.
-pub fn deployment_health(d: &Deployment, pods: &[Arc<Pod>]) -> (bool, bool, String) {
-    deployment_health_with(d, || pods.to_vec())
-}
-
-/// [`deployment_health`], listing the pods only when the Deployment is not ready.
-fn deployment_health_with(
-    d: &Deployment,
-    pods: impl FnOnce() -> Vec<Arc<Pod>>,
-) -> (bool, bool, String) {
-    let desired = d.spec.replicas.unwrap_or(1);
-    let st = d.status.clone().unwrap_or_default();
-    let available = st.available_replicas.unwrap_or(0);
-    let updated = st.updated_replicas.unwrap_or(0);
-    let current = st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
-    let ready = current && available >= desired && updated >= desired;
-    let mut msg = format!("{available}/{desired} available");
-    if ready {
-        return (true, false, msg);
-    }
-    let deadline = st.conditions.iter().flatten().find(|c| {
-        c.type_.as_deref() == Some("Progressing")
-            && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
-    });
-    let pods = pods();
-    let pods = pods.as_slice();
-    let failing_pod = failing_pod(pods);
-    if let Some(p) = &failing_pod {
-        msg.push_str(": ");
-        msg.push_str(p);
-    } else if deadline.is_some() {
-        msg.push_str(": ProgressDeadlineExceeded");
-    } else if let Some(p) = unscheduled_pod(pods) {
-        msg.push_str(": ");
-        msg.push_str(&p);
-    } else if !current {
-        msg.push_str(": rollout not observed yet");
-    }
-    (false, failing_pod.is_some() || deadline.is_some(), msg)
-}
-
-/// Pure: `(ready, failing, message)` of a StatefulSet and its pods.
-pub fn statefulset_health(s: &StatefulSet, pods: &[Arc<Pod>]) -> (bool, bool, String) {
-    statefulset_health_with(s, || pods.to_vec())
-}
-
-/// [`statefulset_health`], listing the pods only when the StatefulSet is not ready.
-fn statefulset_health_with(
-    s: &StatefulSet,
-    pods: impl FnOnce() -> Vec<Arc<Pod>>,
-) -> (bool, bool, String) {
-    let desired = s.spec.replicas.unwrap_or(1);
-    let st = s.status.clone().unwrap_or_default();
-    let ready_n = st.ready_replicas.unwrap_or(0);
-    let current = st.observed_generation.unwrap_or(0) >= s.metadata.generation.unwrap_or(0);
-    let ready = current && ready_n >= desired;
-    let mut msg = format!("{ready_n}/{desired} ready");
-    if ready {
-        return (true, false, msg);
-    }
-    let pods = pods();
-    let pods = pods.as_slice();
-    let failing_pod = failing_pod(pods);
-    if let Some(p) = failing_pod
-        .as_ref()
-        .cloned()
-        .or_else(|| unscheduled_pod(pods))
-    {
-        msg.push_str(": ");
-        msg.push_str(&p);
-    }
-    (false, failing_pod.is_some(), msg)
 }
 
 /// Writes the status computed from what was observed, unless it equals the stored one. Progress
@@ -1795,35 +1624,6 @@ async fn warn_once(stack: &KabStack, ctx: &Ctx, reason: &str, outcome: &Outcome)
     if let Err(e) = ctx.recorder.publish(&event, &stack.object_ref(&())).await {
         tracing::warn!(error = %e, "could not publish a Warning event");
     }
-}
-
-/// Creates the KabStack CRD if it is missing (used by `kab dev` and the tests; in a cluster the
-/// install manifests carry it).
-pub async fn ensure_crd(client: &Client) -> anyhow::Result<()> {
-    use kube::CustomResourceExt;
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = KabStack::crd();
-    let name = crd.metadata.name.clone().unwrap_or_default();
-    api.patch(
-        &name,
-        &PatchParams::apply("kab-install").force(),
-        &Patch::Apply(&crd),
-    )
-    .await?;
-    kube::runtime::wait::await_condition(
-        api,
-        &name,
-        kube::runtime::wait::conditions::is_crd_established(),
-    )
-    .await?;
-    Ok(())
-}
-
-/// The status, for callers that only need to read it.
-pub fn ready(status: Option<&KabStackStatus>) -> bool {
-    status
-        .and_then(|s| status::condition(s, "Ready"))
-        .is_some_and(|c| c.status == "True")
 }
 
 #[cfg(test)]
@@ -1923,44 +1723,5 @@ mod tests {
         assert_eq!(backoff(2), Duration::from_secs(2));
         assert_eq!(backoff(5), Duration::from_secs(16));
         assert_eq!(backoff(50), Duration::from_secs(300));
-    }
-
-    #[test]
-    fn a_crash_looping_pod_is_named() {
-        let d: Deployment = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "todo-webhook", "namespace": "shop", "generation": 1},
-            "spec": {"replicas": 2, "selector": {}, "template": {}},
-            "status": {"observedGeneration": 1, "availableReplicas": 1, "updatedReplicas": 2}
-        }))
-        .unwrap();
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "todo-webhook-abc", "namespace": "shop"},
-            "status": {"phase": "Running", "containerStatuses": [{
-                "name": "webhook", "image": "x", "imageID": "", "ready": false, "restartCount": 4,
-                "state": {"waiting": {"reason": "CrashLoopBackOff"}}
-            }]}
-        }))
-        .unwrap();
-        let (ready, failing, msg) = deployment_health(&d, &[Arc::new(pod)]);
-        assert!(!ready);
-        assert!(failing);
-        assert_eq!(
-            msg,
-            "1/2 available: pod todo-webhook-abc CrashLoopBackOff (4 restarts)"
-        );
-    }
-
-    #[test]
-    fn an_available_deployment_is_ready() {
-        let d: Deployment = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "todo-controller", "generation": 2},
-            "spec": {"replicas": 1, "selector": {}, "template": {}},
-            "status": {"observedGeneration": 2, "availableReplicas": 1, "updatedReplicas": 1}
-        }))
-        .unwrap();
-        assert_eq!(
-            deployment_health(&d, &[]),
-            (true, false, "1/1 available".to_string())
-        );
     }
 }

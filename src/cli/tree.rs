@@ -199,9 +199,9 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// From a Deployment and its pods ([`crate::operator::deployment_health`]).
+    /// From a Deployment and its pods ([`crate::health::deployment_health`]).
     pub fn from_deployment(d: &Deployment, pods: &[Arc<Pod>]) -> Self {
-        let (ready, failing, message) = crate::operator::deployment_health(d, pods);
+        let (ready, failing, message) = crate::health::deployment_health(d, pods);
         let status = d.status.as_ref();
         // `Available` dates this line only while it agrees with it (a Deployment can be
         // available and failing at once).
@@ -222,9 +222,9 @@ impl Workload {
         }
     }
 
-    /// From a StatefulSet and its pods ([`crate::operator::statefulset_health`]).
+    /// From a StatefulSet and its pods ([`crate::health::statefulset_health`]).
     pub fn from_statefulset(s: &StatefulSet, pods: &[Arc<Pod>]) -> Self {
-        let (ready, failing, message) = crate::operator::statefulset_health(s, pods);
+        let (ready, failing, message) = crate::health::statefulset_health(s, pods);
         Workload {
             kind: "StatefulSet".into(),
             name: display_name(&s.metadata),

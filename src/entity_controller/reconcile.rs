@@ -8,7 +8,7 @@
 //! already stored is dropped by JetStream's deduplication on the event's stable id.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -77,9 +77,7 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::lock;
 
 impl Context {
     pub fn new(

@@ -51,9 +51,7 @@ fn spawner() -> io::Result<mpsc::Sender<SpawnRequest>> {
     Ok(lock(tx).clone())
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use crate::lock;
 
 /// Spawns `cmd` from the spawner thread with PDEATHSIG=SIGKILL, in its own
 /// process group (so a terminal's Ctrl-C reaches only the owner, which then

@@ -65,7 +65,7 @@ impl Proxy {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Served>> {
-        self.services.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.services)
     }
 
     fn serve(self: &Arc<Self>, svc: Service) {

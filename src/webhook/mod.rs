@@ -86,7 +86,6 @@ use crate::api::BusinessRule;
 use crate::render::{CONFIG_PATH, WEBHOOK_PORT, WEBHOOK_TLS_DIR};
 
 pub use engine::{Decision, RuleSet, evaluate};
-pub use server::{PROBE_ANNOTATION, PROBE_MESSAGE};
 
 /// `kab webhook` options.
 #[derive(clap::Args, Clone, Debug)]

@@ -18,11 +18,7 @@ use super::engine::{Claims, Decision, Entities, External, Facts, Operation, Rule
 use super::metrics::Metrics;
 use super::review::{self, BadReview, MAX_BODY};
 
-/// Annotation that makes a dry-run request fail with a known message: how a client (the
-/// operator's readiness check, the tests) learns that the API server calls this webhook.
-pub const PROBE_ANNOTATION: &str = "kab.dev/admission-probe";
-/// Start of the message of a probe denial.
-pub const PROBE_MESSAGE: &str = "kab admission probe";
+use crate::admission_probe::{DENIAL_MARKER, PROBE_ANNOTATION};
 /// Bodies over [`MAX_BODY`] are still read, up to this much, so that the client can read the
 /// 413 (a server that closes on unread data makes the client's TCP stack drop the answer).
 const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
@@ -238,7 +234,7 @@ where
                     allowed: false,
                     rule: None,
                     message: format!(
-                        "{PROBE_MESSAGE}: the webhook of stack {} is serving",
+                        "{DENIAL_MARKER}: the webhook of stack {} is serving",
                         self.scope.stack
                     ),
                     warnings: vec![],
@@ -456,7 +452,7 @@ mod tests {
             out["response"]["status"]["message"]
                 .as_str()
                 .unwrap()
-                .starts_with(PROBE_MESSAGE)
+                .starts_with(DENIAL_MARKER)
         );
         // Not a dry run: judged like any other.
         let out = post_review(app(true), &review("A-1", "shop", probe, false)).await;

@@ -107,7 +107,7 @@ impl Observer {
             Api::<Deployment>::all(client.clone()),
             |o, d| {
                 if let Some(ns) = relevant(d.namespace()) {
-                    let ready = kab::operator::deployment_health(d, &[]).0;
+                    let ready = kab::health::deployment_health(d, &[]).0;
                     let name = d.name_any();
                     let first = o.seen("Deployment", &ns, &name, ready);
                     if first && name == o.webhook_deployment {
@@ -121,7 +121,7 @@ impl Observer {
             Api::<StatefulSet>::all(client.clone()),
             |o, s| {
                 if let Some(ns) = relevant(s.namespace()) {
-                    let ready = kab::operator::statefulset_health(s, &[]).0;
+                    let ready = kab::health::statefulset_health(s, &[]).0;
                     o.seen("StatefulSet", &ns, &s.name_any(), ready);
                 }
             },
@@ -146,7 +146,7 @@ impl Observer {
             Api::<KabStack>::all(client.clone()),
             |o, s| {
                 if let Some(ns) = relevant(s.namespace()) {
-                    let ready = kab::operator::ready(s.status.as_ref());
+                    let ready = kab::health::ready(s.status.as_ref());
                     o.seen("KabStack", &ns, &s.name_any(), ready);
                 }
             },

@@ -307,7 +307,7 @@ pub async fn run() -> anyhow::Result<Report> {
     tokio::time::timeout(
         Duration::from_secs(240),
         kube::runtime::wait::await_condition(stacks.clone(), STACK, |s: Option<&KabStack>| {
-            s.is_some_and(|s| kab::operator::ready(s.status.as_ref()))
+            s.is_some_and(|s| kab::health::ready(s.status.as_ref()))
         }),
     )
     .await

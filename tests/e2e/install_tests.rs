@@ -166,7 +166,7 @@ fn available(d: Option<&Deployment>) -> bool {
 }
 
 fn ready(s: Option<&KabStack>) -> bool {
-    s.is_some_and(|s| kab::operator::ready(s.status.as_ref()))
+    s.is_some_and(|s| kab::health::ready(s.status.as_ref()))
 }
 
 fn entity_api_ready(s: Option<&KabStack>) -> bool {

@@ -164,7 +164,7 @@ fn condition(s: &KabStack, type_: &str) -> Option<(String, String, String)> {
 }
 
 fn is_ready(s: Option<&KabStack>) -> bool {
-    s.is_some_and(|s| kab::operator::ready(s.status.as_ref()))
+    s.is_some_and(|s| kab::health::ready(s.status.as_ref()))
 }
 
 async fn wait_ready(ctx: &Ctx, ns: &str, name: &str) -> anyhow::Result<KabStack> {

@@ -386,7 +386,7 @@ async fn a_killed_webhook_degrades_the_stack_until_restarted(ctx: Ctx) -> anyhow
     let ns = local_namespace(&ctx, "rt-degrade").await?;
     crate::operator_tests::apply_stack(&ctx, &ruled_stack(&ns)?).await?;
     let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
-    let ready = |s: Option<&KabStack>| s.is_some_and(|s| kab::operator::ready(s.status.as_ref()));
+    let ready = |s: Option<&KabStack>| s.is_some_and(|s| kab::health::ready(s.status.as_ref()));
     wait_for(&stacks, "todo", ready, Duration::from_secs(120))
         .await
         .context("stack not Ready with real processes")?;
@@ -442,7 +442,7 @@ async fn the_serving_certificate_rotates_under_load_without_a_failed_admission(
     stack["spec"]["webhook"]["certificate"] = json!({"validity": "3m", "renewBefore": "2m"});
     crate::operator_tests::apply_stack(&ctx, &stack).await?;
     let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
-    let ready = |s: Option<&KabStack>| s.is_some_and(|s| kab::operator::ready(s.status.as_ref()));
+    let ready = |s: Option<&KabStack>| s.is_some_and(|s| kab::health::ready(s.status.as_ref()));
     wait_for(&stacks, "todo", ready, Duration::from_secs(120))
         .await
         .context("stack not Ready")?;

@@ -31,12 +31,12 @@ use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
+use kab::admission_probe::{DENIAL_MARKER, PROBE_ANNOTATION};
 use kab::api::KabStack;
 use kab::certs::{Ca, Serving};
 use kab::plane::Process;
 use kab::render;
 use kab::webhook::claims::{LABEL_RULE, LeaseClaims, claim_name};
-use kab::webhook::{PROBE_ANNOTATION, PROBE_MESSAGE};
 use kube::ResourceExt as _;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use rustls::pki_types::pem::PemObject as _;
@@ -908,7 +908,7 @@ impl Env {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match todos.create(&dry, &probe).await {
-                Err(e) if e.to_string().contains(PROBE_MESSAGE) => return Ok(registration),
+                Err(e) if e.to_string().contains(DENIAL_MARKER) => return Ok(registration),
                 // Admitted: the API server has not seen the registration yet.
                 other => ensure!(
                     Instant::now() < deadline,
