@@ -10,15 +10,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kab::plane::{Plane, PlaneOptions, Process};
+use anyhow::Context as _;
+use kab::plane::{Plane, PlaneOptions};
 use kube::api::Api;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-/// The operator's identity, as the shipped Deployment gives it.
-pub const OPERATOR_USER: &str = "system:serviceaccount:kab-system:kab-operator";
+pub use crate::support::http::metric_sum;
+pub use crate::support::operator::{Operator, USER as OPERATOR_USER};
+pub use crate::support::wait::poll_until;
 
 /// Every namespace a benchmark creates starts with this.
 pub const NS_PREFIX: &str = "kb-";
@@ -332,122 +332,29 @@ pub async fn start_plane(name: &str, fast_kcm: bool, policy: &str) -> anyhow::Re
 // The operator, under the RBAC it ships with
 // ---------------------------------------------------------------------------------------------
 
-pub struct Operator {
-    pub process: Process,
-    pub metrics_port: u16,
-}
-
-impl Operator {
-    pub fn pid(&self) -> u32 {
-        self.process.pid()
-    }
-
-    pub fn alive(&mut self) -> bool {
-        self.process.exited().is_none()
-    }
-
-    /// A counter or gauge from `/metrics` (sum over label sets).
-    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
-        let (_, text) = http_get(&format!("127.0.0.1:{}", self.metrics_port), "/metrics").await?;
-        Ok(metric_sum(&text, name))
-    }
-}
-
-/// Sum of the samples of metric `name` in a Prometheus/OpenMetrics text.
-pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Installs the KabStack CRD and the operator's RBAC exactly as `kab install --print` ships them
 /// (all but the Deployment), and starts the built `kab operator` with the shipped arguments plus
-/// `extra`, as a client certificate of the operator's ServiceAccount (nothing but that RBAC).
+/// `extra`, as a client certificate of the operator's ServiceAccount (nothing but that RBAC); the
+/// same code as the e2e tests' operator (`tests/e2e/support/operator.rs`).
 pub async fn start_operator(plane: &Plane, extra: &[&str]) -> anyhow::Result<Operator> {
-    let manifests = kab::install::manifests(kab::install::NAMESPACE, "example.invalid/kab:bench")?;
-    let docs: Vec<Value> = serde_saphyr::from_multiple(&manifests)?;
-    let kept: Vec<Value> = docs
-        .into_iter()
-        .filter(|d| d["kind"] != "Deployment")
-        .collect();
-    let yaml = serde_saphyr::to_string_multiple(&kept)?;
-    plane.kubectl_stdin(
-        &[
-            "apply",
-            "--server-side",
-            "--field-manager=kab-install",
-            "-f",
-            "-",
-        ],
-        &yaml,
-    )?;
-    let crds: Api<CustomResourceDefinition> = Api::all(plane.client());
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        kube::runtime::wait::await_condition(
-            crds,
-            "kabstacks.kab.dev",
-            kube::runtime::wait::conditions::is_crd_established(),
-        ),
-    )
-    .await
-    .context("the KabStack CRD was not Established in 60 s")??;
-
-    let kubeconfig = plane.write_kubeconfig(
-        OPERATOR_USER,
-        &[
-            "system:serviceaccounts",
-            "system:serviceaccounts:kab-system",
-            "system:authenticated",
-        ],
-    )?;
-    let port = kab::plane::free_port()?;
+    use crate::support::operator;
+    operator::install(plane, "example.invalid/kab:bench").await?;
     // `KAB_BENCH_OPERATOR_WRAPPER="heaptrack -o /tmp/kab-operator"` runs the operator under a
-    // profiler (a diagnostic run: the bench's figures then include the wrapper's cost; the
-    // operator is then a grandchild, out of PDEATHSIG's reach: it outlives a killed bench).
-    let wrapper = std::env::var("KAB_BENCH_OPERATOR_WRAPPER").unwrap_or_default();
-    let mut words = wrapper.split_whitespace();
-    let mut cmd = match words.next() {
-        Some(program) => {
-            let mut c = Command::new(program);
-            c.args(words).arg(env!("CARGO_BIN_EXE_kab"));
-            c
-        }
-        None => Command::new(env!("CARGO_BIN_EXE_kab")),
+    // profiler (a diagnostic run: the bench's figures then include the wrapper's cost).
+    let wrapper = std::env::var("KAB_BENCH_OPERATOR_WRAPPER")
+        .ok()
+        .filter(|w| !w.trim().is_empty());
+    let opts = operator::Options {
+        // The shipped Deployment logs JSON (`kab install --print`).
+        extra: ["--log-format", "json"]
+            .iter()
+            .chain(extra)
+            .map(|a| a.to_string())
+            .collect(),
+        log: std::env::var("KAB_BENCH_OPERATOR_LOG").unwrap_or_else(|_| "info".into()),
+        wrapper,
     };
-    // The arguments of the shipped Deployment (`kab install --print`), then the bench's.
-    cmd.args(["operator", "--leader-elect", "--log-format", "json"])
-        .args(["--lease-namespace", kab::install::NAMESPACE])
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .args(extra)
-        .env("KUBECONFIG", &kubeconfig)
-        .env(
-            "RUST_LOG",
-            std::env::var("KAB_BENCH_OPERATOR_LOG").unwrap_or_else(|_| "info".into()),
-        );
-    let mut process = plane.spawn("operator", cmd)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if process.exited().is_some() {
-            bail!("kab operator exited:\n{}", process.log_tail(40));
-        }
-        if let Ok((200, _)) = http_get(&format!("127.0.0.1:{port}"), "/readyz").await {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("kab operator not ready in 60 s:\n{}", process.log_tail(40));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(Operator {
-        process,
-        metrics_port: port,
-    })
+    operator::start(plane, &opts).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -710,33 +617,6 @@ pub fn by_verb(events: &[&AuditLine]) -> (BTreeMap<String, u64>, BTreeMap<String
 // Small helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A plain HTTP/1.1 GET: `(status, body)`.
-pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .context("connect timeout")??;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .context("read timeout")??;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 /// Creates namespaces (labelled Pod Security `restricted`, like the e2e tests, plus
 /// `annotations`) `concurrency` at a time.
 pub async fn create_namespaces(
@@ -773,25 +653,6 @@ pub async fn create_namespaces(
         .collect()
         .await;
     results.into_iter().collect()
-}
-
-/// Waits until `f` holds, checking every `every` (the state `f` reads is kept by watches).
-pub async fn wait_until(
-    what: &str,
-    timeout: Duration,
-    every: Duration,
-    mut f: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(every).await;
-    }
 }
 
 /// With `KAB_BENCH_PPROF=<seconds>`, captures a CPU profile of kube-apiserver for that long

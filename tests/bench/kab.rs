@@ -8,6 +8,7 @@ mod fixed_allow;
 mod observer;
 mod operator;
 mod pipeline;
+mod support;
 mod webhook;
 
 use std::process::ExitCode;

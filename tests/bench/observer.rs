@@ -153,7 +153,7 @@ impl Observer {
         ));
         *obs.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         let o = obs.clone();
-        crate::common::wait_until(
+        crate::common::poll_until(
             "the benchmark's watches to list",
             Duration::from_secs(60),
             Duration::from_millis(20),

@@ -440,7 +440,7 @@ pub async fn run() -> anyhow::Result<Report> {
     }
     let extra_ref: Vec<&str> = extra.iter().map(String::as_str).collect();
     let mut whole_run = AuditTail::at_end(plane.audit_log_path());
-    let mut operator = common::start_operator(&plane, &extra_ref).await?;
+    let operator = common::start_operator(&plane, &extra_ref).await?;
     report.note(String::from(
         "plane: local etcd + kube-apiserver + KCM + scheduler + KWOK; fast_kcm: KCM and scheduler \
          --kube-api-qps=400 --kube-api-burst=800, 20 Deployment/ReplicaSet workers; pods are KWOK's \
@@ -710,7 +710,7 @@ pub async fn run() -> anyhow::Result<Report> {
         match phase {
             "kab" => {
                 kab_result =
-                    Some(p2_kab(&plane, &client, &obs, &mut operator, &kab_ns, p2_timeout).await?)
+                    Some(p2_kab(&plane, &client, &obs, &operator, &kab_ns, p2_timeout).await?)
             }
             floor => {
                 // The POST floor, or the floor that server-side applies (a diagnostic).
@@ -1215,7 +1215,7 @@ async fn wait_default_service_accounts(
     obs: &Observer,
     namespaces: &[String],
 ) -> anyhow::Result<()> {
-    common::wait_until(
+    common::poll_until(
         "the default ServiceAccount of every benchmark namespace",
         Duration::from_secs(300),
         Duration::from_millis(100),
@@ -1243,7 +1243,7 @@ async fn p1_kab(
     api.create(&PostParams::default(), &s)
         .await
         .with_context(|| format!("creating KabStack {ns}/{STACK}"))?;
-    let waited = common::wait_until(
+    let waited = common::poll_until(
         &format!("KabStack {ns}/{STACK} Ready with every child"),
         Duration::from_secs(180),
         Duration::from_millis(5),
@@ -1281,7 +1281,7 @@ async fn p1_floor(
     registrar.expect(fs.registration.clone());
     let t0 = Instant::now();
     run_floor_stack(client.clone(), fs.objects).await?;
-    common::wait_until(
+    common::poll_until(
         &format!("floor stack {ns} ready"),
         Duration::from_secs(180),
         Duration::from_millis(5),
@@ -1345,7 +1345,7 @@ async fn p2_floor(
             .try_collect::<Vec<()>>()
             .await
     });
-    let waited = common::wait_until(
+    let waited = common::poll_until(
         "every floor stack ready",
         timeout,
         Duration::from_millis(250),
@@ -1493,7 +1493,7 @@ async fn p2_kab(
     plane: &kab::plane::Plane,
     client: &kube::Client,
     obs: &Observer,
-    operator: &mut common::Operator,
+    operator: &common::Operator,
     namespaces: &[String],
     timeout: Duration,
 ) -> anyhow::Result<KabP2> {
@@ -1544,7 +1544,7 @@ async fn p2_kab(
         "bench operator: P2 kab: {} KabStacks created in {create_took:?}",
         namespaces.len()
     );
-    let waited = common::wait_until(
+    let waited = common::poll_until(
         "every KabStack Ready",
         timeout,
         Duration::from_millis(250),

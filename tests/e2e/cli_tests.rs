@@ -15,9 +15,10 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWriteExt as _, BufReader};
 
-use crate::operator_tests::{apply_stack, operator, todo_stack};
-use crate::runtime_tests::local_namespace;
-use crate::support::{Ctx, Test, e2e_tests, qualified_name, wait_for};
+use crate::support::{
+    Ctx, Test, apply_stack, e2e_tests, local_namespace, operator, qualified_name, todo_stack,
+    wait_for,
+};
 
 pub fn tests() -> Vec<Test> {
     let mut tests = e2e_tests![

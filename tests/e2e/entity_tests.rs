@@ -28,6 +28,7 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParam
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 
+use crate::support::http::http_get;
 use crate::support::{Ctx, Test, e2e_tests, wait_for};
 
 pub fn tests() -> Vec<Test> {
@@ -180,12 +181,17 @@ async fn changes_are_published_as_cloud_events_in_order_and_notified(
     ensure!(notified == ids, "notified {notified:?}, published {ids:?}");
     ensure!(notify.refused() == 1, "one 503 answered");
 
-    let (status, _) = http_get(controller.metrics_port, "/readyz").await?;
+    let (status, _) =
+        http_get(&format!("127.0.0.1:{}", controller.metrics_port), "/readyz").await?;
     ensure!(status == 200, "readyz {status}");
     // The backlog gauges are refreshed every second.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, metrics) = http_get(controller.metrics_port, "/metrics").await?;
+        let (_, metrics) = http_get(
+            &format!("127.0.0.1:{}", controller.metrics_port),
+            "/metrics",
+        )
+        .await?;
         let missing: Vec<&str> = [
             "kab_entity_controller_events_published_total{event=\"created\"} 2",
             "kab_entity_controller_events_published_total{event=\"updated\"} 1",
@@ -252,13 +258,13 @@ async fn broker_mode_none_keeps_status_and_publishes_nothing(ctx: Ctx) -> anyhow
 async fn a_managed_stack_publishes_through_its_own_broker(ctx: Ctx) -> anyhow::Result<()> {
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::Service;
-    crate::operator_tests::operator(&ctx).await?;
-    let ns = crate::runtime_tests::local_namespace(&ctx, "entity-managed").await?;
+    crate::support::operator(&ctx).await?;
+    let ns = crate::support::local_namespace(&ctx, "entity-managed").await?;
     let group = format!("{ns}.e2e.example.com");
-    let mut stack = crate::operator_tests::todo_stack(&ns, "todo", &group)?;
+    let mut stack = crate::support::todo_stack(&ns, "todo", &group)?;
     stack["spec"]["rules"] = json!([]);
     stack["spec"]["controller"] = json!({"replicas": 1}); // no business application here
-    crate::operator_tests::apply_stack(&ctx, &stack).await?;
+    crate::support::apply_stack(&ctx, &stack).await?;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client(), &ns);
     let controller = wait_for(
         &deployments,
@@ -831,7 +837,9 @@ impl Controller {
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            if let Ok((200, _)) = http_get(self.metrics_port, "/readyz").await {
+            if let Ok((200, _)) =
+                http_get(&format!("127.0.0.1:{}", self.metrics_port), "/readyz").await
+            {
                 return Ok(());
             }
             if let Some(p) = self.process.as_mut()
@@ -1399,7 +1407,7 @@ struct Scraped {
 }
 
 async fn scrape(port: u16) -> anyhow::Result<Scraped> {
-    let (status, text) = http_get(port, "/metrics").await?;
+    let (status, text) = http_get(&format!("127.0.0.1:{port}"), "/metrics").await?;
     ensure!(status == 200, "/metrics: HTTP {status}");
     let sum = |name: &str| -> u64 {
         text.lines()
@@ -1411,26 +1419,6 @@ async fn scrape(port: u16) -> anyhow::Result<Scraped> {
         published: sum("kab_entity_controller_events_published_total"),
         duplicates: sum("kab_entity_controller_duplicates_total"),
     })
-}
-
-async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no HTTP status")?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
 }
 
 fn env_number(name: &str, default: usize) -> usize {

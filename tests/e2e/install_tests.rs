@@ -28,14 +28,17 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kab::api::KabStack;
 use kab::plane::{Plane, PlaneOptions, Process, is_deployment_available};
 use kube::ResourceExt as _;
-use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
-};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::runtime::wait::conditions::is_crd_established;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::{Value, json};
 
-use crate::support::{Ctx, Test, qualified_name, wait_for};
+use crate::support::operator::{GROUPS as OPERATOR_GROUPS, USER as OPERATOR_USER};
+use crate::support::stack::IMAGE;
+use crate::support::{
+    Ctx, Test, apply_stack_with, is_ready, local_namespace, operator, qualified_name, todo_stack,
+    wait_for,
+};
 
 pub fn tests() -> Vec<Test> {
     let name = |f: &str| qualified_name(module_path!(), f);
@@ -65,13 +68,6 @@ pub fn tests() -> Vec<Test> {
     ]
 }
 
-const IMAGE: &str = "example.invalid/kab:e2e";
-const OPERATOR_USER: &str = "system:serviceaccount:kab-system:kab-operator";
-const OPERATOR_GROUPS: &[&str] = &[
-    "system:serviceaccounts",
-    "system:serviceaccounts:kab-system",
-    "system:authenticated",
-];
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Validator warnings that stay, each explained in the README ("Install with OLM").
@@ -165,10 +161,6 @@ fn available(d: Option<&Deployment>) -> bool {
     d.is_some_and(is_deployment_available)
 }
 
-fn ready(s: Option<&KabStack>) -> bool {
-    s.is_some_and(|s| kab::health::ready(s.status.as_ref()))
-}
-
 fn entity_api_ready(s: Option<&KabStack>) -> bool {
     s.and_then(|s| s.status.as_ref())
         .and_then(|st| kab::status::condition(st, "EntityAPIReady"))
@@ -176,26 +168,8 @@ fn entity_api_ready(s: Option<&KabStack>) -> bool {
 }
 
 /// `examples/todo.yaml` named `todo` in `ns`, with an entity group of its own.
-fn todo_stack(ns: &str) -> anyhow::Result<Value> {
-    let mut v: Value = serde_saphyr::from_str(include_str!("../../examples/todo.yaml"))?;
-    v["metadata"] = json!({"name": "todo", "namespace": ns});
-    v["spec"]["entity"]["group"] = json!(format!("{ns}.install.example.com"));
-    Ok(v)
-}
-
-async fn apply_stack(client: &kube::Client, stack: &Value) -> anyhow::Result<()> {
-    let ns = stack["metadata"]["namespace"]
-        .as_str()
-        .context("namespace")?;
-    let api: Api<KabStack> = Api::namespaced(client.clone(), ns);
-    api.patch(
-        "todo",
-        &PatchParams::apply("e2e").force(),
-        &Patch::Apply(stack),
-    )
-    .await
-    .with_context(|| format!("applying KabStack {ns}/todo"))?;
-    Ok(())
+fn install_stack(ns: &str) -> anyhow::Result<Value> {
+    todo_stack(ns, "todo", &format!("{ns}.install.example.com"))
 }
 
 /// The rules of a role as comparable values.
@@ -285,7 +259,7 @@ async fn plain_install_runs_the_operator_under_the_shipped_rbac(ctx: Ctx) -> any
     // The run's operator runs as kab-system/kab-operator under the RBAC of these manifests;
     // applying them again with kubectl sets the same values (no conflict) and adds the
     // Deployment.
-    crate::operator_tests::operator(&ctx).await?;
+    operator(&ctx).await?;
     let manifests = kab(&["install", "--print", "--image", IMAGE]).await?;
     let started = Instant::now();
     ctx.kubectl_with_stdin(["apply", "--server-side", "-f", "-"], &manifests)
@@ -397,10 +371,10 @@ async fn plain_install_runs_the_operator_under_the_shipped_rbac(ctx: Ctx) -> any
 
     // A stack becomes Ready with the operator running under that RBAC.
     // In a namespace whose pods the local runtime runs: Ready includes a real admission call.
-    let stack_ns = crate::runtime_tests::local_namespace(&ctx, "plain-install").await?;
-    apply_stack(&client, &todo_stack(&stack_ns)?).await?;
+    let stack_ns = local_namespace(&ctx, "plain-install").await?;
+    apply_stack_with(&client, &install_stack(&stack_ns)?).await?;
     let stacks: Api<KabStack> = Api::namespaced(client.clone(), &stack_ns);
-    wait_for(&stacks, "todo", ready, TIMEOUT)
+    wait_for(&stacks, "todo", is_ready, TIMEOUT)
         .await
         .with_context(|| format!("KabStack {stack_ns}/todo not Ready"))?;
 
@@ -447,22 +421,6 @@ impl OwnPlane {
         let _ = tokio::task::spawn_blocking(move || plane.stop()).await;
         result
     }
-}
-
-/// Starts `kab operator` as a local process with nothing but the RBAC of the operator's
-/// ServiceAccount.
-fn spawn_operator(plane: &Plane) -> anyhow::Result<Process> {
-    let kubeconfig = plane.write_kubeconfig(OPERATOR_USER, OPERATOR_GROUPS)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kab"));
-    cmd.args(["operator", "--leader-elect"])
-        .args(["--lease-namespace", kab::install::NAMESPACE])
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info,kab=debug");
-    plane.spawn("operator", cmd)
 }
 
 /// A namespace enforcing Pod Security `restricted`, once its `default` ServiceAccount exists.
@@ -631,9 +589,9 @@ async fn plain_install_and_uninstall(plane: &Plane) -> anyhow::Result<()> {
     wait_for(&crds, "kabstacks.kab.dev", is_crd_established(), TIMEOUT).await?;
 
     // A stack handled by the operator under the installed RBAC: its entity CRD is what stays.
-    let operator = spawn_operator(plane)?;
+    let operator = crate::support::operator::start(plane, &Default::default()).await?;
     restricted_namespace(&client, ns).await?;
-    apply_stack(&client, &todo_stack(ns)?).await?;
+    apply_stack_with(&client, &install_stack(ns)?).await?;
     // Pods are simulated here (the run's local runtime serves the shared plane only), so the
     // stack cannot become Ready (its admission probe needs a real webhook); the operator still
     // creates the entity API under the installed RBAC, and that is what must stay.

@@ -3,8 +3,6 @@
 //! idle operator writes nothing. The operator runs as the built `kab` binary under exactly the
 //! RBAC `kab install --print` ships.
 
-use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, ensure};
@@ -14,12 +12,15 @@ use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret, Service};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kab::api::KabStack;
-use kab::plane::{Plane, Process};
 use kube::ResourceExt as _;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 
-use crate::support::{Ctx, Test, e2e_tests, wait_deleted, wait_for};
+use crate::support::operator::USER as OPERATOR_USER;
+use crate::support::{
+    Ctx, Test, apply_stack, condition, e2e_tests, group_for, is_ready, local_namespace, operator,
+    ready_todo, todo_stack, wait_deleted, wait_for, wait_ready,
+};
 
 pub fn tests() -> Vec<Test> {
     let mut tests = e2e_tests![
@@ -44,144 +45,6 @@ pub fn tests() -> Vec<Test> {
         .timeout(Duration::from_secs(300)),
     );
     tests
-}
-
-const OPERATOR_USER: &str = "system:serviceaccount:kab-system:kab-operator";
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The operator process, shared by every test of the run.
-pub struct Operator {
-    process: Mutex<Process>,
-}
-
-impl Operator {
-    fn log(&self) -> String {
-        let p = self.process.lock().unwrap_or_else(|p| p.into_inner());
-        std::fs::read_to_string(p.log_path()).unwrap_or_default()
-    }
-
-    fn alive(&self) -> bool {
-        let mut p = self.process.lock().unwrap_or_else(|p| p.into_inner());
-        p.exited().is_none()
-    }
-}
-
-/// Installs the CRD and the operator's RBAC exactly as shipped, and starts `kab operator` with
-/// an identity that has nothing but that RBAC.
-pub async fn operator(ctx: &Ctx) -> anyhow::Result<std::sync::Arc<Operator>> {
-    ctx.shared(|plane: std::sync::Arc<Plane>| async move {
-        let manifests =
-            kab::install::manifests(kab::install::NAMESPACE, "example.invalid/kab:e2e")?;
-        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&manifests)?;
-        // Everything but the Deployment: the operator runs here as a local process.
-        let kept: Vec<serde_json::Value> = docs
-            .into_iter()
-            .filter(|d| d["kind"] != "Deployment")
-            .collect();
-        let yaml = serde_saphyr::to_string_multiple(&kept)?;
-        plane.kubectl_stdin(
-            &[
-                "apply",
-                "--server-side",
-                "--field-manager=kab-install",
-                "-f",
-                "-",
-            ],
-            &yaml,
-        )?;
-        let crds: Api<CustomResourceDefinition> = Api::all(plane.client());
-        wait_for(
-            &crds,
-            "kabstacks.kab.dev",
-            kube::runtime::wait::conditions::is_crd_established(),
-            Duration::from_secs(30),
-        )
-        .await?;
-
-        let kubeconfig = plane.write_kubeconfig(
-            OPERATOR_USER,
-            &[
-                "system:serviceaccounts",
-                "system:serviceaccounts:kab-system",
-                "system:authenticated",
-            ],
-        )?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kab"));
-        cmd.args([
-            "operator",
-            "--leader-elect",
-            "--lease-namespace",
-            kab::install::NAMESPACE,
-        ])
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info,kab=debug");
-        let process = plane.spawn("operator", cmd)?;
-        Ok(Operator {
-            process: Mutex::new(process),
-        })
-    })
-    .await
-}
-
-/// `examples/todo.yaml` in namespace `ns`, with an entity group of its own so that tests do not
-/// share entity APIs by accident.
-pub fn todo_stack(ns: &str, name: &str, group: &str) -> anyhow::Result<serde_json::Value> {
-    let mut v: serde_json::Value =
-        serde_saphyr::from_str(include_str!("../../examples/todo.yaml"))?;
-    v["metadata"] = json!({"name": name, "namespace": ns});
-    v["spec"]["entity"]["group"] = json!(group);
-    Ok(v)
-}
-
-fn group_for(ns: &str) -> String {
-    format!("{ns}.e2e.example.com")
-}
-
-pub async fn apply_stack(ctx: &Ctx, stack: &serde_json::Value) -> anyhow::Result<()> {
-    let ns = stack["metadata"]["namespace"]
-        .as_str()
-        .context("namespace")?;
-    let name = stack["metadata"]["name"].as_str().context("name")?;
-    let api: Api<KabStack> = Api::namespaced(ctx.client(), ns);
-    api.patch(
-        name,
-        &PatchParams::apply("e2e").force(),
-        &Patch::Apply(stack),
-    )
-    .await
-    .with_context(|| format!("applying KabStack {ns}/{name}"))?;
-    Ok(())
-}
-
-fn condition(s: &KabStack, type_: &str) -> Option<(String, String, String)> {
-    let st = s.status.as_ref()?;
-    let c = kab::status::condition(st, type_)?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-fn is_ready(s: Option<&KabStack>) -> bool {
-    s.is_some_and(|s| kab::health::ready(s.status.as_ref()))
-}
-
-async fn wait_ready(ctx: &Ctx, ns: &str, name: &str) -> anyhow::Result<KabStack> {
-    let api: Api<KabStack> = Api::namespaced(ctx.client(), ns);
-    wait_for(&api, name, is_ready, READY_TIMEOUT)
-        .await
-        .with_context(|| format!("KabStack {ns}/{name} not Ready"))
-}
-
-/// A Ready todo stack in a fresh namespace: `(namespace, group)`.
-async fn ready_todo(ctx: &Ctx, prefix: &str) -> anyhow::Result<(String, String)> {
-    operator(ctx).await?;
-    let ns = crate::runtime_tests::local_namespace(ctx, prefix).await?;
-    let group = group_for(&ns);
-    apply_stack(ctx, &todo_stack(&ns, "todo", &group)?).await?;
-    wait_ready(ctx, &ns, "todo").await?;
-    Ok((ns, group))
 }
 
 async fn todo_stack_becomes_ready_with_every_child(ctx: Ctx) -> anyhow::Result<()> {
@@ -423,7 +286,7 @@ async fn deleting_a_stack_removes_its_children_and_retains_the_entity_api(
 
 async fn deletion_policy_delete_removes_the_entity_api(ctx: Ctx) -> anyhow::Result<()> {
     operator(&ctx).await?;
-    let ns = crate::runtime_tests::local_namespace(&ctx, "purge").await?;
+    let ns = local_namespace(&ctx, "purge").await?;
     let group = group_for(&ns);
     let mut stack = todo_stack(&ns, "todo", &group)?;
     stack["spec"]["entity"]["deletionPolicy"] = json!("Delete");
@@ -445,9 +308,9 @@ async fn stacks_share_an_entity_api_and_a_different_schema_conflicts(
     ctx: Ctx,
 ) -> anyhow::Result<()> {
     operator(&ctx).await?;
-    let a = crate::runtime_tests::local_namespace(&ctx, "share-a").await?;
-    let b = crate::runtime_tests::local_namespace(&ctx, "share-b").await?;
-    let c = crate::runtime_tests::local_namespace(&ctx, "share-c").await?;
+    let a = local_namespace(&ctx, "share-a").await?;
+    let b = local_namespace(&ctx, "share-b").await?;
+    let c = local_namespace(&ctx, "share-c").await?;
     let group = group_for(&a);
     let mut first = todo_stack(&a, "todo", &group)?;
     first["spec"]["entity"]["deletionPolicy"] = json!("Delete");

@@ -2,7 +2,6 @@
 //! processes from the specs the operator rendered; readiness follows real probes; a crashing
 //! process is a failing pod; Services reach local pods.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
@@ -10,13 +9,15 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kab::api::KabStack;
-use kab::plane::Plane;
-use kab::runtime::{LocalRuntime, ProcessInfo};
 use kube::ResourceExt as _;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
-use crate::support::{Ctx, Test, e2e_tests, wait_for};
+use crate::support::http::http_get;
+use crate::support::{
+    Ctx, Runtime, Test, apply_stack, e2e_tests, local_namespace, operator, runtime, todo_stack,
+    wait_for,
+};
 
 pub fn tests() -> Vec<Test> {
     let mut tests = e2e_tests![
@@ -37,43 +38,6 @@ pub fn tests() -> Vec<Test> {
         .timeout(Duration::from_secs(330)),
     );
     tests
-}
-
-/// The runtime shared by the run (one `kab-local` node).
-pub struct Runtime(Mutex<LocalRuntime>);
-
-impl Runtime {
-    /// The processes it runs now.
-    pub fn processes(&self) -> Vec<ProcessInfo> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).processes()
-    }
-}
-
-/// Starts (once) the local runtime with the built kab binary and the plane's nats-server.
-pub async fn runtime(ctx: &Ctx) -> anyhow::Result<Arc<Runtime>> {
-    ctx.shared(|plane: Arc<Plane>| async move {
-        let p = plane.clone();
-        let identity: kab::runtime::IdentityFn =
-            Arc::new(move |user, groups| p.write_kubeconfig(user, groups));
-        let mut config = kab::runtime::RuntimeConfig::new(
-            plane.dir().join("runtime"),
-            env!("CARGO_BIN_EXE_kab").into(),
-            plane.bin("nats-server"),
-            identity,
-        );
-        // Kept with the plane's logs when a test fails.
-        config.logs = plane.logs_dir().to_path_buf();
-        let rt = LocalRuntime::start(plane.client(), config).await?;
-        Ok(Runtime(Mutex::new(rt)))
-    })
-    .await
-}
-
-/// A namespace whose pods the local runtime runs.
-pub async fn local_namespace(ctx: &Ctx, prefix: &str) -> anyhow::Result<String> {
-    runtime(ctx).await?;
-    ctx.namespace_with(prefix, kab::runtime::namespace_annotations())
-        .await
 }
 
 fn pod_ready(p: &Pod) -> bool {
@@ -120,14 +84,13 @@ async fn a_non_kab_image_is_reported_not_runnable(ctx: Ctx) -> anyhow::Result<()
 /// nats-server with the rendered configuration, its readiness comes from NATS's /healthz, and the
 /// Service reaches it.
 async fn the_managed_broker_runs_as_a_real_nats_server(ctx: Ctx) -> anyhow::Result<()> {
-    crate::operator_tests::operator(&ctx).await?;
+    operator(&ctx).await?;
     let rt = runtime(&ctx).await?;
     let ns = local_namespace(&ctx, "rt-broker").await?;
-    let mut stack =
-        crate::operator_tests::todo_stack(&ns, "todo", &format!("{ns}.e2e.example.com"))?;
+    let mut stack = todo_stack(&ns, "todo", &format!("{ns}.e2e.example.com"))?;
     stack["spec"]["rules"] = json!([]);
     stack["spec"]["webhook"]["failurePolicy"] = json!("Ignore");
-    crate::operator_tests::apply_stack(&ctx, &stack).await?;
+    apply_stack(&ctx, &stack).await?;
     let sts: Api<StatefulSet> = Api::namespaced(ctx.client(), &ns);
     wait_for(
         &sts,
@@ -160,10 +123,10 @@ async fn the_managed_broker_runs_as_a_real_nats_server(ctx: Ctx) -> anyhow::Resu
         .spec
         .and_then(|s| s.cluster_ip)
         .context("no ClusterIP")?;
-    let body = http_get(&format!("{ip}:8222"), "/healthz").await?;
+    let (status, body) = http_get(&format!("{ip}:8222"), "/healthz").await?;
     ensure!(
-        body.contains("200 OK"),
-        "NATS /healthz through the Service: {body}"
+        status == 200,
+        "NATS /healthz through the Service: {status} {body}"
     );
     let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
     wait_for(
@@ -180,31 +143,16 @@ async fn the_managed_broker_runs_as_a_real_nats_server(ctx: Ctx) -> anyhow::Resu
     Ok(())
 }
 
-async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
-}
-
 /// Killing a process makes its pod un-ready (the Deployment loses availability), the runtime
 /// restarts it with a restart count, and the pod becomes Ready again.
 async fn a_killed_process_makes_its_pod_unready_and_is_restarted(ctx: Ctx) -> anyhow::Result<()> {
-    crate::operator_tests::operator(&ctx).await?;
+    operator(&ctx).await?;
     let rt = runtime(&ctx).await?;
     let ns = local_namespace(&ctx, "rt-kill").await?;
-    let mut stack =
-        crate::operator_tests::todo_stack(&ns, "todo", &format!("{ns}.e2e.example.com"))?;
+    let mut stack = todo_stack(&ns, "todo", &format!("{ns}.e2e.example.com"))?;
     stack["spec"]["rules"] = json!([]);
     stack["spec"]["webhook"]["failurePolicy"] = json!("Ignore");
-    crate::operator_tests::apply_stack(&ctx, &stack).await?;
+    apply_stack(&ctx, &stack).await?;
     let pods: Api<Pod> = Api::namespaced(ctx.client(), &ns);
     let broker = wait_for(
         &pods,
@@ -260,8 +208,7 @@ async fn a_killed_process_makes_its_pod_unready_and_is_restarted(ctx: Ctx) -> an
 /// A stack whose rules the real webhook process enforces; the API server reaches it through the
 /// Service the operator rendered, verifying its certificate for `<svc>.<ns>.svc`.
 fn ruled_stack(ns: &str) -> anyhow::Result<serde_json::Value> {
-    let mut stack =
-        crate::operator_tests::todo_stack(ns, "todo", &format!("{ns}.e2e.example.com"))?;
+    let mut stack = todo_stack(ns, "todo", &format!("{ns}.e2e.example.com"))?;
     // No external rule: there is no business application in this test.
     stack["spec"]["rules"] = json!([
         {"name": "unique-code", "unique": {"fields": ["spec.code"]}},
@@ -272,10 +219,10 @@ fn ruled_stack(ns: &str) -> anyhow::Result<serde_json::Value> {
 }
 
 async fn the_real_webhook_denies_through_the_rendered_service(ctx: Ctx) -> anyhow::Result<()> {
-    crate::operator_tests::operator(&ctx).await?;
+    operator(&ctx).await?;
     let ns = local_namespace(&ctx, "rt-webhook").await?;
     let stack = ruled_stack(&ns)?;
-    crate::operator_tests::apply_stack(&ctx, &stack).await?;
+    apply_stack(&ctx, &stack).await?;
     let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
     wait_for(
         &stacks,
@@ -381,10 +328,10 @@ async fn the_real_webhook_denies_through_the_rendered_service(ctx: Ctx) -> anyho
 }
 
 async fn a_killed_webhook_degrades_the_stack_until_restarted(ctx: Ctx) -> anyhow::Result<()> {
-    crate::operator_tests::operator(&ctx).await?;
+    operator(&ctx).await?;
     let rt = runtime(&ctx).await?;
     let ns = local_namespace(&ctx, "rt-degrade").await?;
-    crate::operator_tests::apply_stack(&ctx, &ruled_stack(&ns)?).await?;
+    apply_stack(&ctx, &ruled_stack(&ns)?).await?;
     let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
     let ready = |s: Option<&KabStack>| s.is_some_and(|s| kab::health::ready(s.status.as_ref()));
     wait_for(&stacks, "todo", ready, Duration::from_secs(120))
@@ -435,12 +382,12 @@ async fn the_serving_certificate_rotates_under_load_without_a_failed_admission(
 ) -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::Secret;
     use kube::api::{ApiResource, DynamicObject};
-    crate::operator_tests::operator(&ctx).await?;
+    operator(&ctx).await?;
     let rt = runtime(&ctx).await?;
     let ns = local_namespace(&ctx, "rt-rotate").await?;
     let mut stack = ruled_stack(&ns)?;
     stack["spec"]["webhook"]["certificate"] = json!({"validity": "3m", "renewBefore": "2m"});
-    crate::operator_tests::apply_stack(&ctx, &stack).await?;
+    apply_stack(&ctx, &stack).await?;
     let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
     let ready = |s: Option<&KabStack>| s.is_some_and(|s| kab::health::ready(s.status.as_ref()));
     wait_for(&stacks, "todo", ready, Duration::from_secs(120))

@@ -30,15 +30,30 @@
 
 #![allow(dead_code)] // helpers for test modules that may not all use them
 
+//! # What tests share
+//!
+//! Helpers used by more than one test module live here, never in a test module (no test module
+//! imports another): the run's operator and the todo stack ([`stack`]), the local runtime
+//! ([`runtime`]), waits ([`wait`]), the operator process ([`operator`]) and HTTP ([`http`]).
+//! `operator`, `wait` and `http` are also compiled into the benchmarks (`tests/bench/support.rs`):
+//! they must not use the e2e context.
+
 mod ctx;
 pub mod fixtures;
+pub mod http;
+pub mod operator;
 mod runner;
-mod stack;
-mod wait;
+pub mod runtime;
+pub mod stack;
+pub mod wait;
 
 pub use ctx::Ctx;
 pub use runner::{Test, main, qualified_name};
-pub use stack::apply_rbac_entity_api_and_config;
+pub use runtime::{Runtime, local_namespace, runtime};
+pub use stack::{
+    apply_rbac_entity_api_and_config, apply_stack, apply_stack_with, condition, group_for,
+    is_ready, operator, ready_todo, todo_stack, wait_ready,
+};
 pub use wait::{wait_deleted, wait_for};
 
 /// `e2e_tests![a, b]`: a `Vec<Test>` of async fns named `module::a`, `module::b`.

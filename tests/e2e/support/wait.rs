@@ -1,10 +1,11 @@
-//! Waiting on watches, with deadlines and useful timeout messages.
+//! Waiting on watches, with deadlines and useful timeout messages; polling state that watches
+//! keep. Shared with the benchmarks: keep this file free of the e2e context.
 
 use std::fmt::Debug;
 use std::pin::pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow};
+use anyhow::{Context as _, anyhow, bail};
 use futures::TryStreamExt as _;
 use kube::api::Api;
 use kube::runtime::WatchStreamExt as _;
@@ -43,6 +44,26 @@ where
     wait_until(api, name, |o: Option<&K>| o.is_none(), timeout)
         .await
         .map(drop)
+}
+
+/// Waits until `f` holds, checking every `every` (for state that watches keep, or that has no
+/// single object to watch, e.g. the audit log). Fails after `timeout` naming `what`.
+pub async fn poll_until(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 async fn wait_until<K>(
