@@ -16,10 +16,9 @@ use kube::ResourceExt as _;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 
-use crate::support::operator::USER as OPERATOR_USER;
 use crate::support::{
-    Ctx, Test, apply_stack, condition, e2e_tests, group_for, is_ready, local_namespace, operator,
-    ready_todo, todo_stack, wait_deleted, wait_for, wait_ready,
+    Ctx, Test, apply_stack, audit, condition, e2e_tests, group_for, is_ready, local_namespace,
+    operator, poll_until, ready_todo, todo_stack, wait_deleted, wait_for, wait_ready,
 };
 
 pub fn tests() -> Vec<Test> {
@@ -855,51 +854,61 @@ async fn installed_rbac_is_least_privilege(ctx: Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Once a stack is Ready and nothing changes, the operator writes nothing about it for 60 s:
+/// no child, no status, no Event, and no dry-run admission probe (it is re-sent only when what it
+/// depends on changes).
 async fn an_idle_operator_makes_no_writes(ctx: Ctx) -> anyhow::Result<()> {
     let (ns, group) = ready_todo(&ctx, "idle").await?;
     let plane = ctx.plane().clone();
     let reg = format!("todo.{ns}.kab.dev");
     let crd = format!("todos.{group}");
-    let mine = move |e: &kab::plane::AuditEvent| {
-        e.user.username == OPERATOR_USER
-            && e.object_ref
-                .as_ref()
-                .is_some_and(|o| o.namespace == ns || o.name == reg || o.name == crd)
-            && e.object_ref
-                .as_ref()
-                .is_some_and(|o| o.resource != "leases")
-    };
-    // Let the last status write of the Ready transition land in the audit log first: wait until
-    // the stack's Ready status is the newest write for it.
-    let settle_deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut seen = plane.audit_events()?.iter().filter(|e| mine(e)).count();
-    loop {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let now = plane.audit_events()?.iter().filter(|e| mine(e)).count();
-        if now == seen || std::time::Instant::now() > settle_deadline {
-            seen = now;
-            break;
-        }
-        seen = now;
+    let mine = audit::by_operator_about(&ns, &[&reg, &crd]);
+    // The filter sees the admission probe: the dry-run create that made the stack Ready.
+    let probes = audit::Cursor::start(&plane)
+        .since(|e| mine(e) && audit::is_dry_run(e) && e.verb == "create")?;
+    ensure!(
+        probes
+            .iter()
+            .any(|e| e.object_ref.as_ref().is_some_and(|o| o.resource == "todos")),
+        "no dry-run entity create of the admission probe is counted for {ns}: the filter would \
+         not see a re-probe"
+    );
+    // Let the last writes of the Ready transition land: wait (at most 30 s) until 5 s pass
+    // without one.
+    let mut quiet = audit::Cursor::now(&plane)?;
+    let mut quiet_since = std::time::Instant::now();
+    let settled = poll_until(
+        "5 s without an operator write about the stack",
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || match quiet.since(&mine) {
+            Ok(new) if new.is_empty() => quiet_since.elapsed() >= Duration::from_secs(5),
+            Ok(_) | Err(_) => {
+                if let Ok(c) = audit::Cursor::now(&plane) {
+                    quiet = c;
+                }
+                quiet_since = std::time::Instant::now();
+                false
+            }
+        },
+    )
+    .await;
+    if let Err(e) = settled {
+        eprintln!("idle: {e:#}; observing anyway");
     }
     // The observation window itself: 60 s of idleness, as the issue asks.
-    tokio::time::sleep(Duration::from_secs(60)).await;
-    let events = plane.audit_events()?;
-    let writes: Vec<String> = events
-        .iter()
-        .filter(|e| mine(e))
-        .skip(seen)
-        .map(|e| format!("{} {}", e.verb, e.request_uri))
-        .collect();
+    let window = audit::Cursor::now(&plane)?;
+    let writes = window.observe(Duration::from_secs(60), &mine).await?;
+    let probes = writes.iter().filter(|e| audit::is_dry_run(e)).count();
     eprintln!(
-        "idle window: {} operator writes for the stack in 60 s",
+        "idle window: {} operator writes for the stack in 60 s ({probes} dry-run probes)",
         writes.len()
     );
     ensure!(
         writes.is_empty(),
-        "the operator wrote {} times while idle:\n{}",
+        "the operator wrote {} times while idle ({probes} of them dry-run admission probes):\n{}",
         writes.len(),
-        writes.join("\n")
+        audit::describe(&writes)
     );
     Ok(())
 }

@@ -38,6 +38,7 @@
 //! `operator`, `wait` and `http` are also compiled into the benchmarks (`tests/bench/support.rs`):
 //! they must not use the e2e context.
 
+pub mod audit;
 mod ctx;
 pub mod fixtures;
 pub mod http;
@@ -54,7 +55,7 @@ pub use stack::{
     apply_rbac_entity_api_and_config, apply_stack, apply_stack_with, condition, group_for,
     is_ready, operator, ready_todo, todo_stack, wait_ready,
 };
-pub use wait::{wait_deleted, wait_for};
+pub use wait::{poll_until, wait_deleted, wait_for};
 
 /// `e2e_tests![a, b]`: a `Vec<Test>` of async fns named `module::a`, `module::b`.
 macro_rules! e2e_tests {

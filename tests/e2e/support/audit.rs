@@ -1,0 +1,158 @@
+//! The API server's audit log (every write request, Metadata level; see `kab::plane`): what the
+//! operator wrote about a stack, from a point on.
+//!
+//! Read here rather than with `Plane::audit_events`, whose `AuditEvent::request_uri` is always
+//! empty (the log's key is `requestURI`, not `requestUri`): the URI tells a dry-run request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kab::plane::Plane;
+use serde::Deserialize;
+
+use super::operator::USER as OPERATOR_USER;
+
+/// One request of the audit log.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuditEvent {
+    pub verb: String,
+    #[serde(rename = "requestURI")]
+    pub request_uri: String,
+    pub user: User,
+    pub object_ref: Option<ObjectRef>,
+    pub response_status: Option<Status>,
+}
+
+/// Who sent a request.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct User {
+    pub username: String,
+}
+
+/// What a request is about.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ObjectRef {
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+    pub subresource: String,
+}
+
+/// The answer's code.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Status {
+    pub code: i32,
+}
+
+/// Every complete line of the audit log so far.
+fn events(plane: &Plane) -> anyhow::Result<Vec<AuditEvent>> {
+    let path = plane.audit_log_path();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    // A line being written has no newline yet.
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("audit log line {l}")))
+        .collect()
+}
+
+/// A position in the audit log.
+pub struct Cursor {
+    plane: Arc<Plane>,
+    at: usize,
+}
+
+impl Cursor {
+    /// The end of the audit log now. The plane's API server audits in blocking mode: a write
+    /// whose answer a client has seen is already in the log.
+    pub fn now(plane: &Arc<Plane>) -> anyhow::Result<Self> {
+        Ok(Self {
+            plane: plane.clone(),
+            at: events(plane)?.len(),
+        })
+    }
+
+    /// The beginning of the audit log.
+    pub fn start(plane: &Arc<Plane>) -> Self {
+        Self {
+            plane: plane.clone(),
+            at: 0,
+        }
+    }
+
+    /// The events logged since this position that `filter` keeps.
+    pub fn since(&self, filter: impl Fn(&AuditEvent) -> bool) -> anyhow::Result<Vec<AuditEvent>> {
+        Ok(events(&self.plane)?
+            .into_iter()
+            .skip(self.at)
+            .filter(|e| filter(e))
+            .collect())
+    }
+
+    /// Observes the audit log for `window` (the observation window itself, not a
+    /// synchronisation) and returns what `filter` kept in it, from this position on.
+    pub async fn observe(
+        &self,
+        window: Duration,
+        filter: impl Fn(&AuditEvent) -> bool,
+    ) -> anyhow::Result<Vec<AuditEvent>> {
+        tokio::time::sleep(window).await;
+        self.since(filter)
+    }
+}
+
+/// The operator's requests about the stacks of namespace `ns`: anything in the namespace
+/// (children, status, Events, the dry-run admission probe's entity creates) and the
+/// cluster-scoped objects named in `cluster_scoped` (the webhook registration, the entity CRD).
+/// Not its leader-election Lease.
+pub fn by_operator_about(
+    ns: &str,
+    cluster_scoped: &[&str],
+) -> impl Fn(&AuditEvent) -> bool + use<> {
+    let ns = ns.to_string();
+    let names: Vec<String> = cluster_scoped.iter().map(|n| n.to_string()).collect();
+    move |e: &AuditEvent| {
+        e.user.username == OPERATOR_USER
+            && e.object_ref.as_ref().is_some_and(|o| {
+                o.resource != "leases"
+                    && (o.namespace == ns || (o.namespace.is_empty() && names.contains(&o.name)))
+            })
+    }
+}
+
+/// Whether an event is a dry-run request (the admission probe's entity create).
+pub fn is_dry_run(e: &AuditEvent) -> bool {
+    e.request_uri.contains("dryRun=All")
+}
+
+/// One line per event: `verb resource[/subresource] namespace/name (code) uri`.
+pub fn describe(events: &[AuditEvent]) -> String {
+    events
+        .iter()
+        .map(|e| {
+            let (what, at) = match &e.object_ref {
+                Some(o) if o.subresource.is_empty() => {
+                    (o.resource.clone(), format!("{}/{}", o.namespace, o.name))
+                }
+                Some(o) => (
+                    format!("{}/{}", o.resource, o.subresource),
+                    format!("{}/{}", o.namespace, o.name),
+                ),
+                None => ("?".into(), String::new()),
+            };
+            let code = e.response_status.as_ref().map(|s| s.code).unwrap_or(0);
+            format!("{} {what} {at} ({code}) {}", e.verb, e.request_uri)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
