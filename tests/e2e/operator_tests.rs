@@ -17,8 +17,9 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 
 use crate::support::{
-    Ctx, Test, apply_stack, audit, condition, e2e_tests, group_for, is_ready, local_namespace,
-    operator, poll_until, ready_todo, todo_stack, wait_deleted, wait_for, wait_ready,
+    Ctx, READY_TIMEOUT, Test, apply_stack, audit, condition, e2e_tests, group_for, is_ready,
+    local_namespace, operator, poll_until, ready_todo, todo_stack, wait_deleted, wait_for,
+    wait_ready,
 };
 
 pub fn tests() -> Vec<Test> {
@@ -692,9 +693,17 @@ async fn invalid_stacks_are_refused_or_reported(ctx: Ctx) -> anyhow::Result<()> 
     }
 }
 
+/// The stack's status is of its current generation.
+fn observed_current(s: &KabStack) -> bool {
+    s.status.as_ref().and_then(|st| st.observed_generation) == s.metadata.generation
+}
+
+/// Paused: the operator sees a child go but re-creates nothing and writes nothing about the stack
+/// across a window (audit log); on resume the child is restored and Paused clears.
 async fn paused_stack_is_left_alone(ctx: Ctx) -> anyhow::Result<()> {
-    let (ns, _) = ready_todo(&ctx, "paused").await?;
-    let mut stack = todo_stack(&ns, "todo", &group_for(&ns))?;
+    let (ns, group) = ready_todo(&ctx, "paused").await?;
+    let plane = ctx.plane().clone();
+    let mut stack = todo_stack(&ns, "todo", &group)?;
     stack["spec"]["paused"] = json!(true);
     apply_stack(&ctx, &stack).await?;
     let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
@@ -702,33 +711,106 @@ async fn paused_stack_is_left_alone(ctx: Ctx) -> anyhow::Result<()> {
         &stacks,
         "todo",
         |s: Option<&KabStack>| {
-            s.and_then(|s| s.status.as_ref()).and_then(|s| s.phase) == Some(kab::api::Phase::Paused)
+            s.is_some_and(|s| {
+                observed_current(s)
+                    && s.status.as_ref().and_then(|s| s.phase) == Some(kab::api::Phase::Paused)
+                    && condition(s, "Paused").is_some_and(|c| c.0 == "True")
+            })
         },
         Duration::from_secs(30),
     )
-    .await?;
-    // While paused, a deleted child stays deleted...
+    .await
+    .context("the stack is not Paused")?;
+
+    // While paused, a deleted child stays deleted: a watch records any re-creation, from the
+    // deletion until the resume.
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client(), &ns);
+    let old_uid = cms.get("todo-config").await?.uid();
     cms.delete("todo-config", &DeleteParams::default()).await?;
-    wait_deleted(&cms, "todo-config", Duration::from_secs(30)).await?;
-    // ...and is restored on resume.
+    let recreated = {
+        let (cms, old_uid) = (cms.clone(), old_uid.clone());
+        tokio::spawn(async move {
+            let other = move |c: Option<&ConfigMap>| c.is_some_and(|c| c.uid() != old_uid);
+            wait_for(&cms, "todo-config", other, Duration::from_secs(3600))
+                .await
+                .map(|c| c.metadata.creation_timestamp)
+        })
+    };
+    // The operator sees it go: the status (all it may write while paused) says so.
+    wait_for(
+        &stacks,
+        "todo",
+        |s: Option<&KabStack>| {
+            s.and_then(|s| s.status.as_ref()).is_some_and(|st| {
+                st.components
+                    .iter()
+                    .any(|c| c.kind == "ConfigMap" && c.name.ends_with("/todo-config") && !c.ready)
+            })
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .context("the paused stack's status does not show the deleted ConfigMap")?;
+    // Then nothing: no write by the operator about the stack across the window.
+    let reg = format!("todo.{ns}.kab.dev");
+    let crd = format!("todos.{group}");
+    let window = audit::Cursor::now(&plane)?;
+    let writes = window
+        .observe(
+            Duration::from_secs(20),
+            audit::by_operator_about(&ns, &[&reg, &crd]),
+        )
+        .await?;
+    if recreated.is_finished() {
+        let created = recreated.await??;
+        anyhow::bail!(
+            "the paused stack's ConfigMap todo-config was re-created (at {})",
+            created.map(|t| t.0.to_string()).unwrap_or_default()
+        );
+    }
+    ensure!(
+        writes.is_empty(),
+        "the operator wrote {} times about the paused stack in 20 s:\n{}",
+        writes.len(),
+        audit::describe(&writes)
+    );
+    recreated.abort();
+
+    // ...and is restored on resume: a new object.
     stack["spec"]["paused"] = json!(false);
     apply_stack(&ctx, &stack).await?;
     wait_for(
         &cms,
         "todo-config",
-        |c: Option<&ConfigMap>| c.is_some(),
+        move |c: Option<&ConfigMap>| c.is_some_and(|c| c.uid() != old_uid),
         Duration::from_secs(30),
     )
-    .await?;
-    let s = stacks.get("todo").await?;
+    .await
+    .context("the deleted ConfigMap was not restored on resume")?;
+    let resumed = wait_for(
+        &stacks,
+        "todo",
+        |s: Option<&KabStack>| {
+            s.is_some_and(|s| {
+                observed_current(s)
+                    && condition(s, "Paused").is_none_or(|c| c.0 == "False")
+                    && kab::health::ready(s.status.as_ref())
+            })
+        },
+        READY_TIMEOUT,
+    )
+    .await
+    .context("the resumed stack is not Ready with Paused False at its current generation")?;
+    let paused = resumed
+        .status
+        .as_ref()
+        .and_then(|st| kab::status::condition(st, "Paused"));
     ensure!(
-        condition(&s, "Paused").map(|c| c.0) != Some("True".into())
-            || s.metadata.generation != s.status.as_ref().and_then(|s| s.observed_generation),
-        "Paused condition still True after resume"
+        paused.is_none_or(|c| c.observed_generation == resumed.metadata.generation),
+        "the Paused condition is of generation {:?}, the stack of {:?}",
+        paused.and_then(|c| c.observed_generation),
+        resumed.metadata.generation
     );
-    wait_ready(&ctx, &ns, "todo").await?;
-    // The ConfigMap was really absent while paused: the restore made a new object.
     Ok(())
 }
 
