@@ -26,7 +26,7 @@ use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kab::api::KabStack;
-use kab::plane::{Plane, PlaneOptions, Process, is_deployment_available};
+use kab::plane::{Plane, Process, is_deployment_available};
 use kube::ResourceExt as _;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::runtime::wait::conditions::is_crd_established;
@@ -34,6 +34,7 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::{Value, json};
 
 use crate::support::operator::{GROUPS as OPERATOR_GROUPS, USER as OPERATOR_USER};
+use crate::support::own_plane::{OwnPlane, restricted_namespace};
 use crate::support::stack::IMAGE;
 use crate::support::{
     Ctx, Test, apply_stack_with, is_ready, local_namespace, operator, qualified_name, todo_stack,
@@ -382,65 +383,6 @@ async fn plain_install_runs_the_operator_under_the_shipped_rbac(ctx: Ctx) -> any
     deployments
         .delete(name, &DeleteParams::background())
         .await?;
-    Ok(())
-}
-
-/// A control plane for one test; kept on disk (logs, audit) when the test fails.
-struct OwnPlane(Option<Plane>);
-
-impl OwnPlane {
-    async fn start() -> anyhow::Result<OwnPlane> {
-        let plane = Plane::start(PlaneOptions {
-            progress: false,
-            ..PlaneOptions::default()
-        })
-        .await
-        .context("starting a control plane of the test's own")?;
-        Ok(OwnPlane(Some(plane)))
-    }
-
-    fn get(&self) -> &Plane {
-        self.0.as_ref().expect("present until stopped")
-    }
-
-    /// Stops the plane off the async threads; keeps its directory when `result` is an error.
-    async fn stop<T>(mut self, result: anyhow::Result<T>) -> anyhow::Result<T> {
-        let Some(plane) = self.0.take() else {
-            return result;
-        };
-        let result = match result {
-            Err(e) => {
-                plane.set_keep_dir(true);
-                Err(e.context(format!(
-                    "the test's plane is kept in {}",
-                    plane.dir().display()
-                )))
-            }
-            ok => ok,
-        };
-        let _ = tokio::task::spawn_blocking(move || plane.stop()).await;
-        result
-    }
-}
-
-/// A namespace enforcing Pod Security `restricted`, once its `default` ServiceAccount exists.
-async fn restricted_namespace(client: &kube::Client, name: &str) -> anyhow::Result<()> {
-    let ns: Namespace = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}},
-    }))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .with_context(|| format!("creating namespace {name}"))?;
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), name);
-    wait_for(
-        &sas,
-        "default",
-        |sa: Option<&ServiceAccount>| sa.is_some(),
-        TIMEOUT,
-    )
-    .await?;
     Ok(())
 }
 

@@ -12,14 +12,16 @@ use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret, Service};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kab::api::KabStack;
+use kab::plane::Plane;
 use kube::ResourceExt as _;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use serde_json::json;
 
+use crate::support::own_plane::{OwnPlane, restricted_namespace};
+use crate::support::stack::IMAGE;
 use crate::support::{
     Ctx, READY_TIMEOUT, Test, apply_stack, audit, condition, e2e_tests, group_for, is_ready,
-    local_namespace, operator, poll_until, ready_todo, todo_stack, wait_deleted, wait_for,
-    wait_ready,
+    local_namespace, operator, ready_todo, todo_stack, wait_deleted, wait_for, wait_ready,
 };
 
 pub fn tests() -> Vec<Test> {
@@ -478,14 +480,81 @@ async fn a_failing_webhook_rollout_degrades_and_recovers(ctx: Ctx) -> anyhow::Re
     Ok(())
 }
 
-/// Each invalid stack is refused by the API server with a message naming the field, or is
-/// accepted and then reported `Reconciled=False/InvalidSpec` naming it.
-async fn invalid_stacks_are_refused_or_reported(ctx: Ctx) -> anyhow::Result<()> {
-    let op = operator(&ctx).await?;
-    let ns = ctx.namespace("invalid").await?;
+/// The operator's counter of reconciliations (of every stack).
+const RECONCILIATIONS: &str = "kab_operator_reconciliations_total";
+/// How long invalid stacks are watched for a reconcile loop.
+const HOT_LOOP_WINDOW: Duration = Duration::from_secs(30);
+
+/// The objects of every kind kab renders that exist in namespace `ns` (but the namespace's own
+/// `default` ServiceAccount and `kube-root-ca.crt` ConfigMap), and the cluster-scoped ones named
+/// in `cluster_scoped`: `Kind ns/name` each.
+async fn children_in(
+    client: &kube::Client,
+    ns: &str,
+    cluster_scoped: &[&str],
+) -> anyhow::Result<Vec<String>> {
+    let mut found = Vec::new();
+    for kind in kab::render::kinds() {
+        let r = &kind.resource;
+        let api: Api<DynamicObject> = if kind.namespaced {
+            Api::namespaced_with(client.clone(), ns, r)
+        } else {
+            Api::all_with(client.clone(), r)
+        };
+        for o in api.list(&ListParams::default()).await?.items {
+            let name = o.name_any();
+            let own = matches!(
+                (r.kind.as_str(), name.as_str()),
+                ("ServiceAccount", "default") | ("ConfigMap", "kube-root-ca.crt")
+            );
+            let ours = if kind.namespaced {
+                !own
+            } else {
+                cluster_scoped.contains(&name.as_str())
+                    || o.labels()
+                        .get(kab::render::LABEL_STACK_NAMESPACE)
+                        .map(String::as_str)
+                        == Some(ns)
+            };
+            if ours {
+                found.push(format!(
+                    "{} {}{name}",
+                    r.kind,
+                    if kind.namespaced {
+                        format!("{ns}/")
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Each invalid stack is either refused by the API server with a message naming the field (what
+/// the CRD's schema and rules catch), or accepted and then reported by the operator
+/// `Reconciled=False/InvalidSpec` naming it (what only the operator can check). A reported stack
+/// gets exactly one Warning Event, no child of any kind, and no reconcile loop.
+///
+/// On a plane of its own, with an operator of its own: every reconciliation that operator counts
+/// is then one of these stacks.
+async fn invalid_stacks_are_refused_or_reported(_ctx: Ctx) -> anyhow::Result<()> {
+    let plane = OwnPlane::start().await?;
+    let result = invalid_stacks(plane.get()).await;
+    plane.stop(result).await
+}
+
+async fn invalid_stacks(plane: &Plane) -> anyhow::Result<()> {
+    operator::install(plane, IMAGE).await?;
+    let op = operator::start(plane, &Default::default()).await?;
+    let client = plane.client();
+    let ns = "invalid".to_string();
+    restricted_namespace(&client, &ns).await?;
     let group = group_for(&ns);
     let base = todo_stack(&ns, "x", &group)?;
     type Edit = fn(&mut serde_json::Value);
+    // Refused by the API server.
     let refused: Vec<(&str, Edit, &str)> = vec![
         (
             "two-storage",
@@ -572,7 +641,7 @@ async fn invalid_stacks_are_refused_or_reported(ctx: Ctx) -> anyhow::Result<()> 
             "40",
         ),
     ];
-    let api: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
+    let api: Api<KabStack> = Api::namespaced(client.clone(), &ns);
     let mut failures = Vec::new();
     for (i, (what, edit, expect)) in refused.iter().enumerate() {
         let mut v = base.clone();
@@ -592,6 +661,7 @@ async fn invalid_stacks_are_refused_or_reported(ctx: Ctx) -> anyhow::Result<()> 
         }
     }
 
+    // Accepted by the API server, reported by the operator.
     let reported: Vec<(&str, Edit, &str)> = vec![
         (
             "rule-path-not-in-schema",
@@ -626,30 +696,33 @@ async fn invalid_stacks_are_refused_or_reported(ctx: Ctx) -> anyhow::Result<()> 
             "statusSchema",
         ),
     ];
+    let mut invalid = Vec::new();
     for (i, (what, edit, expect)) in reported.iter().enumerate() {
         let mut v = base.clone();
         let name = format!("reported-{i}");
         v["metadata"]["name"] = json!(name);
         edit(&mut v);
-        if let Err(e) = api
+        match api
             .patch(&name, &PatchParams::apply("e2e"), &Patch::Apply(&v))
             .await
         {
-            // Refused by the API server naming the field is fine too.
-            if !e
-                .to_string()
-                .contains(expect.split('[').next().unwrap_or(expect))
-            {
-                failures.push(format!("{what}: refused without naming the field: {e}"));
-            }
-            continue;
+            Ok(_) => invalid.push((name, *what, *expect)),
+            Err(e) => failures.push(format!(
+                "{what}: refused by the API server, but it is the operator's to report: {e}"
+            )),
         }
+    }
+    let mut reported_messages = Vec::new();
+    for (name, what, expect) in &invalid {
         let got = wait_for(
             &api,
-            &name,
+            name,
             |s: Option<&KabStack>| {
-                s.and_then(|s| condition(s, "Reconciled"))
-                    .is_some_and(|c| c.1 == "InvalidSpec")
+                s.is_some_and(|s| {
+                    observed_current(s)
+                        && condition(s, "Reconciled")
+                            .is_some_and(|c| c.0 == "False" && c.1 == "InvalidSpec")
+                })
             },
             Duration::from_secs(60),
         )
@@ -665,19 +738,118 @@ async fn invalid_stacks_are_refused_or_reported(ctx: Ctx) -> anyhow::Result<()> 
                 if s.status.as_ref().and_then(|s| s.phase) != Some(kab::api::Phase::Failed) {
                     failures.push(format!("{what}: phase is not Failed"));
                 }
+                reported_messages.push((name.clone(), *what, msg));
             }
-            Err(e) => failures.push(format!("{what}: {e:#}")),
+            Err(e) => failures.push(format!(
+                "{what}: not reported Reconciled=False/InvalidSpec: {e:#}"
+            )),
         }
     }
-    // Invalid specs wrote nothing but status: no child was created for them.
-    let deps: Api<Deployment> = Api::namespaced(ctx.client(), &ns);
-    let children = deps
-        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=kab"))
+
+    // No loop: once every invalid stack is reported, the operator neither writes about them
+    // (Events are counted below) nor reconciles them for 30 s: it waits for an edit. Its counter
+    // counts these stacks only (the plane is the test's own).
+    let registrations: Vec<String> = invalid
+        .iter()
+        .map(|(name, _, _)| format!("{name}.{ns}.kab.dev"))
+        .collect();
+    let crd = format!("todos.{group}");
+    let mut cluster_scoped: Vec<&str> = registrations.iter().map(String::as_str).collect();
+    cluster_scoped.push(&crd);
+    let mine = audit::by_operator_about(&ns, &cluster_scoped);
+    // A write may trail the last report (a reconcile already under way): let it land first.
+    audit::settle(
+        plane,
+        &mine,
+        Duration::from_secs(2),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let reconciles_before = op.metric(RECONCILIATIONS).await?;
+    let window = audit::Cursor::now(plane)?;
+    let writes = window
+        .observe(HOT_LOOP_WINDOW, |e| {
+            mine(e)
+                && e.object_ref
+                    .as_ref()
+                    .is_some_and(|o| o.resource != "events")
+        })
         .await?;
-    if !children.items.is_empty() {
+    let reconciles = op.metric(RECONCILIATIONS).await? - reconciles_before;
+    eprintln!(
+        "invalid stacks: {reconciles} reconciliations in {}s, {} writes",
+        HOT_LOOP_WINDOW.as_secs(),
+        writes.len()
+    );
+    if !writes.is_empty() {
         failures.push(format!(
-            "{} Deployments were created for invalid stacks",
-            children.items.len()
+            "the operator kept writing about invalid stacks ({} writes in {}s):\n{}",
+            writes.len(),
+            HOT_LOOP_WINDOW.as_secs(),
+            audit::describe(&writes)
+        ));
+    }
+    if reconciles > 0.0 {
+        failures.push(format!(
+            "{reconciles} reconciliations in {}s while the invalid stacks waited for an edit: a \
+             reconcile loop",
+            HOT_LOOP_WINDOW.as_secs()
+        ));
+    }
+
+    // Exactly one Warning Event per distinct message.
+    let events = Api::<Event>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    for (name, what, msg) in &reported_messages {
+        let warnings: Vec<&Event> = events
+            .iter()
+            .filter(|e| {
+                e.involved_object.kind.as_deref() == Some("KabStack")
+                    && e.involved_object.name.as_deref() == Some(name.as_str())
+                    && e.type_.as_deref() == Some("Warning")
+            })
+            .collect();
+        let shown = || {
+            warnings
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{:?} x{:?} (series {:?}): {:?}",
+                        e.reason,
+                        e.count,
+                        e.series.as_ref().and_then(|s| s.count),
+                        e.message
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let once = match warnings.as_slice() {
+            [e] => {
+                e.reason.as_deref() == Some("InvalidSpec")
+                    && e.count.unwrap_or(1) == 1
+                    && e.series.is_none()
+                    && e.message.as_deref() == Some(msg.as_str())
+            }
+            _ => false,
+        };
+        if !once {
+            failures.push(format!(
+                "{what}: want exactly one Warning Event InvalidSpec {msg:?}, got {}: {}",
+                warnings.len(),
+                shown()
+            ));
+        }
+    }
+
+    // Invalid specs wrote nothing but status and Events: no child of any kind kab renders.
+    let children = children_in(&client, &ns, &cluster_scoped).await?;
+    if !children.is_empty() {
+        failures.push(format!(
+            "children were created for invalid stacks: {}",
+            children.join(", ")
         ));
     }
     if !op.alive() {
@@ -957,26 +1129,9 @@ async fn an_idle_operator_makes_no_writes(ctx: Ctx) -> anyhow::Result<()> {
     );
     // Let the last writes of the Ready transition land: wait (at most 30 s) until 5 s pass
     // without one.
-    let mut quiet = audit::Cursor::now(&plane)?;
-    let mut quiet_since = std::time::Instant::now();
-    let settled = poll_until(
-        "5 s without an operator write about the stack",
-        Duration::from_secs(30),
-        Duration::from_millis(500),
-        || match quiet.since(&mine) {
-            Ok(new) if new.is_empty() => quiet_since.elapsed() >= Duration::from_secs(5),
-            Ok(_) | Err(_) => {
-                if let Ok(c) = audit::Cursor::now(&plane) {
-                    quiet = c;
-                }
-                quiet_since = std::time::Instant::now();
-                false
-            }
-        },
-    )
-    .await;
-    if let Err(e) = settled {
-        eprintln!("idle: {e:#}; observing anyway");
+    let quiet = Duration::from_secs(5);
+    if !audit::settle(&plane, &mine, quiet, Duration::from_secs(30)).await? {
+        eprintln!("idle: the operator still wrote after 30 s; observing anyway");
     }
     // The observation window itself: 60 s of idleness, as the issue asks.
     let window = audit::Cursor::now(&plane)?;

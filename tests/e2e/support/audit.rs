@@ -4,14 +4,15 @@
 //! Read here rather than with `Plane::audit_events`, whose `AuditEvent::request_uri` is always
 //! empty (the log's key is `requestURI`, not `requestUri`): the URI tells a dry-run request.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use kab::plane::Plane;
 use serde::Deserialize;
 
 use super::operator::USER as OPERATOR_USER;
+use super::wait::poll_until;
 
 /// One request of the audit log.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -50,8 +51,7 @@ pub struct Status {
 }
 
 /// Every complete line of the audit log so far.
-fn events(plane: &Plane) -> anyhow::Result<Vec<AuditEvent>> {
-    let path = plane.audit_log_path();
+fn events(path: &Path) -> anyhow::Result<Vec<AuditEvent>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -68,31 +68,30 @@ fn events(plane: &Plane) -> anyhow::Result<Vec<AuditEvent>> {
 
 /// A position in the audit log.
 pub struct Cursor {
-    plane: Arc<Plane>,
+    log: PathBuf,
     at: usize,
 }
 
 impl Cursor {
     /// The end of the audit log now. The plane's API server audits in blocking mode: a write
     /// whose answer a client has seen is already in the log.
-    pub fn now(plane: &Arc<Plane>) -> anyhow::Result<Self> {
-        Ok(Self {
-            plane: plane.clone(),
-            at: events(plane)?.len(),
-        })
+    pub fn now(plane: &Plane) -> anyhow::Result<Self> {
+        let log = plane.audit_log_path().to_path_buf();
+        let at = events(&log)?.len();
+        Ok(Self { log, at })
     }
 
     /// The beginning of the audit log.
-    pub fn start(plane: &Arc<Plane>) -> Self {
+    pub fn start(plane: &Plane) -> Self {
         Self {
-            plane: plane.clone(),
+            log: plane.audit_log_path().to_path_buf(),
             at: 0,
         }
     }
 
     /// The events logged since this position that `filter` keeps.
     pub fn since(&self, filter: impl Fn(&AuditEvent) -> bool) -> anyhow::Result<Vec<AuditEvent>> {
-        Ok(events(&self.plane)?
+        Ok(events(&self.log)?
             .into_iter()
             .skip(self.at)
             .filter(|e| filter(e))
@@ -108,6 +107,44 @@ impl Cursor {
     ) -> anyhow::Result<Vec<AuditEvent>> {
         tokio::time::sleep(window).await;
         self.since(filter)
+    }
+}
+
+/// Waits (at most `max`) until `quiet` passes without a new event that `filter` keeps, e.g. for
+/// the last writes of a transition to land before an observation window opens. Whether it did.
+pub async fn settle(
+    plane: &Plane,
+    filter: impl Fn(&AuditEvent) -> bool,
+    quiet: Duration,
+    max: Duration,
+) -> anyhow::Result<bool> {
+    let mut cursor = Cursor::now(plane)?;
+    let mut since = Instant::now();
+    let mut error = None;
+    let settled = poll_until(
+        "a quiet audit log",
+        max,
+        Duration::from_millis(250),
+        || match cursor.since(&filter) {
+            Ok(new) if new.is_empty() => since.elapsed() >= quiet,
+            Ok(_) => {
+                match Cursor::now(plane) {
+                    Ok(c) => cursor = c,
+                    Err(e) => error = Some(e),
+                }
+                since = Instant::now();
+                false
+            }
+            Err(e) => {
+                error = Some(e);
+                true
+            }
+        },
+    )
+    .await;
+    match error {
+        Some(e) => Err(e),
+        None => Ok(settled.is_ok()),
     }
 }
 

@@ -43,6 +43,7 @@ mod ctx;
 pub mod fixtures;
 pub mod http;
 pub mod operator;
+pub mod own_plane;
 mod runner;
 pub mod runtime;
 pub mod stack;
@@ -55,7 +56,7 @@ pub use stack::{
     READY_TIMEOUT, apply_rbac_entity_api_and_config, apply_stack, apply_stack_with, condition,
     group_for, is_ready, operator, ready_todo, todo_stack, wait_ready,
 };
-pub use wait::{poll_until, wait_deleted, wait_for};
+pub use wait::{wait_deleted, wait_for};
 
 /// `e2e_tests![a, b]`: a `Vec<Test>` of async fns named `module::a`, `module::b`.
 macro_rules! e2e_tests {
