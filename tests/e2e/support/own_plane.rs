@@ -64,7 +64,7 @@ pub async fn restricted_namespace(client: &kube::Client, name: &str) -> anyhow::
         &sas,
         "default",
         |sa: Option<&ServiceAccount>| sa.is_some(),
-        Duration::from_secs(60),
+        Duration::from_secs(120),
     )
     .await?;
     Ok(())
