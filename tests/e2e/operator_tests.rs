@@ -369,27 +369,20 @@ async fn stacks_share_an_entity_api_and_a_different_schema_conflicts(
     Ok(())
 }
 
-/// KWOK's failing-pod stage: the webhook's pods crash-loop and the stack is Degraded, naming the
-/// Deployment and the pod. (On KWOK nothing really runs, so the stack was never Ready here: the
-/// admission probe cannot reach a simulated webhook.)
+/// With real processes: a webhook rollout whose new pod crash-loops (another field manager gives
+/// its container a command kab does not know, so the process exits at once and the local runtime
+/// restarts it with a back-off) degrades a Ready stack, naming the Deployment and the pod;
+/// withdrawing the change brings it back to Ready.
 async fn a_crash_looping_webhook_degrades_the_stack_and_recovers(ctx: Ctx) -> anyhow::Result<()> {
-    operator(&ctx).await?;
-    let ns = ctx.namespace("degraded").await?;
-    apply_stack(&ctx, &todo_stack(&ns, "todo", &group_for(&ns))?).await?;
+    let (ns, _) = ready_todo(&ctx, "degraded").await?;
     let deps: Api<Deployment> = Api::namespaced(ctx.client(), &ns);
-    wait_for(
-        &deps,
-        "todo-webhook",
-        |d: Option<&Deployment>| d.is_some(),
-        Duration::from_secs(60),
-    )
-    .await?;
-    // Another field manager adds the KWOK crash-loop label to the webhook's pods; kab does not own
-    // that label, so it keeps it: the new pods crash-loop.
+    // kab does not own the container's command, so it keeps it: the new pod crash-loops.
     let chaos = json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": "todo-webhook", "namespace": ns},
-        "spec": {"template": {"metadata": {"labels": {"kab.dev/simulate": "crash-loop"}}}}
+        "spec": {"template": {"spec": {
+            "containers": [{"name": "webhook", "command": ["kab", "no-such-command"]}],
+        }}}
     });
     deps.patch(
         "todo-webhook",
@@ -427,6 +420,38 @@ async fn a_crash_looping_webhook_degrades_the_stack_and_recovers(ctx: Ctx) -> an
         !row.ready && row.message.contains("CrashLoopBackOff"),
         "row {row:?}"
     );
+    withdraw_chaos(&deps, &ns).await?;
+    wait_recovered(&stacks).await
+}
+
+/// Removes every field the `e2e-chaos` field manager set on the webhook Deployment.
+async fn withdraw_chaos(deps: &Api<Deployment>, ns: &str) -> anyhow::Result<()> {
+    let withdraw = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "todo-webhook", "namespace": ns}});
+    deps.patch(
+        "todo-webhook",
+        &PatchParams::apply("e2e-chaos"),
+        &Patch::Apply(&withdraw),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Recovered: Ready again at the current generation, no longer Degraded, every component ready.
+fn recovered(s: Option<&KabStack>) -> bool {
+    s.is_some_and(|s| {
+        observed_current(s)
+            && is_ready(Some(s))
+            && s.status.as_ref().is_some_and(|st| {
+                st.phase == Some(kab::api::Phase::Ready) && st.components.iter().all(|c| c.ready)
+            })
+    })
+}
+
+/// Waits until the stack has [`recovered`] from a fault just removed.
+async fn wait_recovered(stacks: &Api<KabStack>) -> anyhow::Result<()> {
+    wait_for(stacks, "todo", recovered, Duration::from_secs(90))
+        .await
+        .context("stack did not recover: not Ready, still Degraded or a component not ready")?;
     Ok(())
 }
 
@@ -467,17 +492,8 @@ async fn a_failing_webhook_rollout_degrades_and_recovers(ctx: Ctx) -> anyhow::Re
         msg.contains(&format!("{ns}/todo-webhook")) && msg.contains("CreateContainerConfigError"),
         "message should name the blocker: {msg}"
     );
-    let withdraw = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "todo-webhook", "namespace": ns}});
-    deps.patch(
-        "todo-webhook",
-        &PatchParams::apply("e2e-chaos"),
-        &Patch::Apply(&withdraw),
-    )
-    .await?;
-    wait_for(&stacks, "todo", is_ready, Duration::from_secs(90))
-        .await
-        .context("stack did not recover")?;
-    Ok(())
+    withdraw_chaos(&deps, &ns).await?;
+    wait_recovered(&stacks).await
 }
 
 /// The operator's counter of reconciliations (of every stack).
