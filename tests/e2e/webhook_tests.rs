@@ -39,10 +39,9 @@ use kab::render;
 use kab::webhook::claims::{LABEL_RULE, LeaseClaims, claim_name};
 use kube::ResourceExt as _;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 
+use crate::support::tls::{self, der};
 use crate::support::{Ctx, Test, e2e_tests, wait_deleted};
 
 pub fn tests() -> Vec<Test> {
@@ -1052,22 +1051,9 @@ impl Webhook {
     }
 }
 
-fn tls_client_config(ca_pem: &str) -> anyhow::Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert?)?;
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth())
-}
-
 fn https_client(ca_pem: &str) -> anyhow::Result<HttpsClient> {
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls_client_config(ca_pem)?)
+        .with_tls_config(tls::client_config(ca_pem)?)
         .https_only()
         .enable_http1()
         .build();
@@ -1078,22 +1064,7 @@ fn https_client(ca_pem: &str) -> anyhow::Result<HttpsClient> {
 
 /// The DER of the leaf certificate a fresh TLS handshake with the webhook presents.
 async fn presented(port: u16, ca_pem: &str) -> anyhow::Result<Vec<u8>> {
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_client_config(ca_pem)?));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let tls = connector
-        .connect(ServerName::try_from("127.0.0.1")?.to_owned(), tcp)
-        .await
-        .context("TLS handshake with the webhook")?;
-    tls.get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.to_vec())
-        .context("no certificate presented")
-}
-
-fn der(pem: &str) -> anyhow::Result<Vec<u8>> {
-    Ok(CertificateDer::from_pem_slice(pem.as_bytes())?.to_vec())
+    tls::presented(&format!("127.0.0.1:{port}"), "127.0.0.1", ca_pem).await
 }
 
 /// A TCP balancer alternating connections between two backends, like a Service in front of

@@ -47,6 +47,7 @@ pub mod own_plane;
 mod runner;
 pub mod runtime;
 pub mod stack;
+pub mod tls;
 pub mod wait;
 
 pub use ctx::Ctx;
