@@ -34,7 +34,8 @@
 //!
 //! Helpers used by more than one test module live here, never in a test module (no test module
 //! imports another): the run's operator and the todo stack ([`stack`]), the local runtime
-//! ([`runtime`]), waits ([`wait`]), the operator process ([`operator`]) and HTTP ([`http`]).
+//! ([`runtime`]), waits ([`wait`]), the operator process ([`operator`]), HTTP ([`http`]), the
+//! audit log ([`audit`]), TLS handshakes ([`tls`]) and a plane of a test's own ([`own_plane`]).
 //! `operator`, `wait` and `http` are also compiled into the benchmarks (`tests/bench/support.rs`):
 //! they must not use the e2e context.
 

@@ -1,6 +1,6 @@
 //! The operator as the built `kab operator` process, under exactly the RBAC `kab install --print`
 //! ships. Shared with the benchmarks (`tests/bench/support.rs`): keep this file free of the e2e
-//! context; the e2e run's shared instance is [`super::operator`](super::stack::operator).
+//! context. The instance the e2e tests share is `support::operator(ctx)` (in `stack.rs`).
 
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
