@@ -638,4 +638,22 @@ mod tests {
             vec![]
         );
     }
+
+    #[test]
+    fn status_churn_does_not_count_as_a_change_but_spec_edits_do() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        let pdb = |generation, rv: &str| ObjectMeta {
+            generation: Some(generation),
+            resource_version: Some(rv.into()),
+            ..Default::default()
+        };
+        // A PDB whose status the disruption controller wrote: same generation, new resourceVersion.
+        assert_eq!(version_of(&pdb(1, "10")), version_of(&pdb(1, "11")));
+        assert_ne!(version_of(&pdb(1, "10")), version_of(&pdb(2, "12")));
+        let cm = |rv: &str| ObjectMeta {
+            resource_version: Some(rv.into()),
+            ..Default::default()
+        };
+        assert_ne!(version_of(&cm("10")), version_of(&cm("11")));
+    }
 }
