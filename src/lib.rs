@@ -1,8 +1,12 @@
 //! kab: Kubernetes as the backend of business applications.
 //!
-//! The pipeline of the operator is one module per step:
-//! [`api`] (the KabStack type) → [`validate`] → [`render`] → apply/prune ([`operator`]) → [`status`].
-//! [`plane`] runs a local control plane for `kab dev` and the end-to-end tests.
+//! The operator's pipeline, `finalizer → validate → certificates → render → plan → apply → prune
+//! → status`, lives in [`operator`], a file per step. The pure parts it builds on stand on their
+//! own: [`api`] (the KabStack type), [`validate`], [`certs`], [`render`], [`status`] and
+//! [`health`]. [`webhook`] and [`entity_controller`] are the per-stack processes; [`cli`],
+//! [`dev`] and [`plane`] (a local control plane for `kab dev` and the end-to-end tests) serve
+//! people. Imports point one way: `cli`/`dev` → `operator`/`webhook`/`entity_controller` → the
+//! pure modules.
 
 pub mod admission_probe;
 pub mod api;
