@@ -21,6 +21,7 @@ pub mod plane;
 pub mod render;
 pub mod runtime;
 pub mod status;
+pub mod telemetry;
 pub mod validate;
 pub mod webhook;
 

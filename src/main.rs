@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use kab::api::KabStack;
 use kab::operator::{self, OperatorConfig};
 use kab::render::{self, Facts, Settings, Templates};
+use kab::telemetry::{LogFormat, init_logs};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -167,24 +168,6 @@ struct OperatorArgs {
     log_format: LogFormat,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> std::process::ExitCode {
     limit_malloc_arenas();
     // One crypto provider only (kube's ring), installed before anything builds a TLS config.
@@ -263,13 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Operator(args) => run_operator(args).await,
         Command::Dev(args) => kab::dev::run(args).await,
-        Command::Webhook(args) => {
-            init_logs(match args.log_format {
-                kab::webhook::LogFormat::Text => LogFormat::Text,
-                kab::webhook::LogFormat::Json => LogFormat::Json,
-            });
-            kab::webhook::run(args).await
-        }
+        Command::Webhook(args) => kab::webhook::run(args).await,
         Command::EntityController(args) => kab::entity_controller::run(args).await,
         Command::Status(args) => kab::cli::status::run(args).await,
         Command::Completions(args) => {
@@ -299,7 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
-    init_logs(args.log_format);
+    init_logs(args.log_format, "info,kube=warn");
     let client = kube::Client::try_default()
         .await
         .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
@@ -329,7 +306,14 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
     };
     let metrics = Arc::new(kab::metrics::Metrics::new());
-    let server = tokio::spawn(metrics.clone().serve(args.metrics_addr));
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("listening on {} for health and metrics", args.metrics_addr))?;
+    let server = tokio::spawn(kab::telemetry::serve_health(
+        listener,
+        metrics.readiness(),
+        metrics.exposition(),
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -4,7 +4,7 @@
 //! entity, through kube-runtime's work queue: finalizer, catch-up, publish, notify, status) with
 //! the pure parts in [`event`] (the CloudEvent, subject and deduplication id) and [`status`]
 //! (`status.kab`), the I/O in [`broker`] (NATS JetStream) and [`notify`] (HTTP callback), and
-//! [`metrics`] (`/healthz`, `/readyz`, `/metrics`).
+//! [`metrics`] (metrics and readiness, served on `/metrics` and `/readyz`).
 //!
 //! Guarantees: every creation, generation change and deletion that the controller observes is
 //! published at least once and stored once (JetStream deduplication on a stable id), in order
@@ -43,6 +43,7 @@ use self::metrics::Metrics;
 use self::notify::Notifier;
 use self::reconcile::Context;
 use crate::hosts::Hosts;
+use crate::telemetry::{LogFormat, init_logs, serve_health};
 
 /// `kab entity-controller` arguments.
 #[derive(clap::Args, Clone, Debug)]
@@ -79,35 +80,20 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
-/// Log output format.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,async_nats=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
-
 /// Runs the entity controller until SIGTERM/SIGINT (or until it loses leadership, an error).
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    init_logs(args.log_format);
+    init_logs(args.log_format, "info,kube=warn,async_nats=warn");
     let config = Arc::new(StackConfig::load(&args.config)?);
     let hosts = Hosts::path_from_env();
     let metrics = Arc::new(Metrics::new(config.publishes()));
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("listening on {} for health and metrics", args.metrics_addr))?;
-    let server = tokio::spawn(metrics.clone().serve(listener));
+    let server = tokio::spawn(serve_health(
+        listener,
+        metrics.readiness(),
+        metrics.exposition(),
+    ));
 
     let client = kube::Client::try_default()
         .await

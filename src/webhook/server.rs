@@ -1,5 +1,5 @@
-//! The webhook's HTTP routes: `POST /validate` (AdmissionReview v1), `/healthz`, `/readyz`,
-//! `/metrics`.
+//! The webhook's HTTP routes: `POST /validate` (AdmissionReview v1), and the
+//! [health routes](crate::telemetry::health_routes) `/healthz`, `/readyz`, `/metrics`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use futures::StreamExt as _;
 use kube::core::DynamicObject;
 use kube::core::admission::AdmissionRequest;
@@ -19,6 +19,8 @@ use super::metrics::Metrics;
 use super::review::{self, BadReview, MAX_BODY};
 
 use crate::admission_probe::{DENIAL_MARKER, PROBE_ANNOTATION};
+use crate::telemetry::{Exposition, Readiness, health_routes};
+
 /// Bodies over [`MAX_BODY`] are still read, up to this much, so that the client can read the
 /// 413 (a server that closes on unread data makes the client's TCP stack drop the answer).
 const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
@@ -37,9 +39,6 @@ pub struct Scope {
     /// The stack's namespace.
     pub namespace: String,
 }
-
-/// Reports why the process is not ready (empty: ready).
-pub type Readiness = Arc<dyn Fn() -> Vec<&'static str> + Send + Sync>;
 
 /// Everything a request needs.
 pub struct App<E, C, X> {
@@ -68,37 +67,18 @@ where
     C: Claims + Send + Sync + 'static,
     X: External + Send + Sync + 'static,
 {
+    let exposition: Exposition = {
+        let app = app.clone();
+        Arc::new(move || {
+            (app.on_scrape)();
+            app.metrics.encode()
+        })
+    };
+    let health = health_routes(app.readiness.clone(), exposition);
     Router::new()
         .route("/validate", post(validate::<E, C, X>))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz::<E, C, X>))
-        .route("/metrics", get(metrics::<E, C, X>))
         .with_state(app)
-}
-
-async fn readyz<E, C, X>(State(app): State<Arc<App<E, C, X>>>) -> Response {
-    let missing = (app.readiness)();
-    if missing.is_empty() {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}", missing.join("; ")),
-        )
-            .into_response()
-    }
-}
-
-async fn metrics<E, C, X>(State(app): State<Arc<App<E, C, X>>>) -> Response {
-    (app.on_scrape)();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        app.metrics.encode(),
-    )
-        .into_response()
+        .merge(health)
 }
 
 fn refuse(app_metrics: &Metrics, bad: BadReview, started: Instant) -> Response {
