@@ -163,21 +163,12 @@ impl PodHandle {
 
     /// Labels of the pod now.
     pub fn labels(&self) -> BTreeMap<String, String> {
-        self.inner
-            .pod
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .labels()
-            .clone()
+        crate::lock(&self.inner.pod).labels().clone()
     }
 
     /// Whether every container is ready.
     pub fn ready(&self) -> bool {
-        let cs = self
-            .inner
-            .containers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let cs = crate::lock(&self.inner.containers);
         !cs.is_empty() && cs.iter().all(|c| c.ready)
     }
 
@@ -199,11 +190,7 @@ impl PodHandle {
 
     /// The processes of this pod.
     pub fn processes(&self) -> Vec<ProcessInfo> {
-        let cs = self
-            .inner
-            .containers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let cs = crate::lock(&self.inner.containers);
         cs.iter()
             .map(|c| ProcessInfo {
                 namespace: self.inner.namespace.clone(),
@@ -225,7 +212,7 @@ impl PodHandle {
             .deletion_grace_period_seconds
             .unwrap_or(30)
             .clamp(0, 10) as u64;
-        *self.inner.pod.lock().unwrap_or_else(|p| p.into_inner()) = pod.clone();
+        *crate::lock(&self.inner.pod) = pod.clone();
         if deleting && !*self.inner.stop.borrow() {
             let h = self.clone();
             tokio::spawn(async move {
@@ -241,11 +228,7 @@ impl PodHandle {
     pub fn shutdown_now(&self) {
         let _ = self.inner.stop.send(true);
         let pids: Vec<u32> = {
-            let cs = self
-                .inner
-                .containers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let cs = crate::lock(&self.inner.containers);
             cs.iter().filter_map(|c| c.pid).collect()
         };
         for pid in pids {
@@ -263,11 +246,7 @@ impl PodHandle {
         let mut rx = self.inner.stop.subscribe();
         while Instant::now() < deadline {
             let running = {
-                let cs = self
-                    .inner
-                    .containers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let cs = crate::lock(&self.inner.containers);
                 cs.iter().any(|c| c.pid.is_some())
             };
             if !running {
@@ -320,11 +299,7 @@ impl PodHandle {
 
     fn set(&self, i: usize, f: impl FnOnce(&mut ContainerState)) {
         {
-            let mut cs = self
-                .inner
-                .containers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut cs = crate::lock(&self.inner.containers);
             if let Some(c) = cs.get_mut(i) {
                 f(c);
             }
@@ -373,13 +348,7 @@ impl PodHandle {
                     continue;
                 }
             };
-            let log = self
-                .inner
-                .containers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())[i]
-                .log
-                .clone();
+            let log = crate::lock(&self.inner.containers)[i].log.clone();
             let name = format!("{}/{}/{}", self.inner.namespace, self.inner.name, c.name);
             let mut process = match crate::plane::spawn_process(&name, cmd, &log) {
                 Ok(p) => p,
@@ -477,7 +446,7 @@ impl PodHandle {
             }
             if self.stopping() {
                 let grace = {
-                    let pod = self.inner.pod.lock().unwrap_or_else(|p| p.into_inner());
+                    let pod = crate::lock(&self.inner.pod);
                     pod.metadata
                         .deletion_grace_period_seconds
                         .unwrap_or(10)
@@ -608,7 +577,7 @@ impl PodHandle {
         }
         if program == Program::Kab {
             let sa = {
-                let pod = self.inner.pod.lock().unwrap_or_else(|p| p.into_inner());
+                let pod = crate::lock(&self.inner.pod);
                 pod.spec
                     .as_ref()
                     .and_then(|s| s.service_account_name.clone())
@@ -649,12 +618,7 @@ impl PodHandle {
     }
 
     fn resolve_env(&self, vars: &[EnvVar]) -> Result<Vec<(String, String)>, String> {
-        let pod = self
-            .inner
-            .pod
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let pod = crate::lock(&self.inner.pod).clone();
         let objects = self.inner.state.lock_objects();
         let mut out: Vec<(String, String)> = Vec::new();
         for v in vars {
@@ -710,11 +674,7 @@ impl PodHandle {
     async fn push_status(&self) {
         let _guard = self.inner.status_lock.lock().await;
         if self.stopping()
-            && self
-                .inner
-                .pod
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            && crate::lock(&self.inner.pod)
                 .metadata
                 .deletion_timestamp
                 .is_some()
@@ -724,11 +684,7 @@ impl PodHandle {
         let status = self.status_json();
         let text = status.to_string();
         {
-            let mut last = self
-                .inner
-                .last_status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut last = crate::lock(&self.inner.last_status);
             if *last == text {
                 return;
             }
@@ -744,21 +700,12 @@ impl PodHandle {
             .await
         {
             tracing::debug!(pod = %self.inner.name, error = %e, "reporting pod status");
-            self.inner
-                .last_status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+            crate::lock(&self.inner.last_status).clear();
         }
     }
 
     fn status_json(&self) -> serde_json::Value {
-        let cs = self
-            .inner
-            .containers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let cs = crate::lock(&self.inner.containers).clone();
         let all_ready = !cs.is_empty() && cs.iter().all(|c| c.ready);
         let any_started = cs.iter().any(|c| c.pid.is_some() || c.restarts > 0);
         let statuses: Vec<serde_json::Value> = cs
