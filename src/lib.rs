@@ -48,6 +48,13 @@ pub fn write<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> 
     l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Whether a test that compares with a committed file rewrites it instead: `KAB_BLESS=1`
+/// (any other value, or none, compares).
+#[cfg(test)]
+pub(crate) fn bless() -> bool {
+    std::env::var("KAB_BLESS").is_ok_and(|v| v == "1")
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     #[cfg(unix)]
@@ -78,7 +85,7 @@ mod tests {
     fn committed_crd_is_current() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/kabstack.yaml");
         let generated = super::crd_yaml().unwrap();
-        if std::env::var("KAB_BLESS").is_ok_and(|v| v == "1") {
+        if super::bless() {
             std::fs::write(path, &generated).unwrap();
         }
         let committed = std::fs::read_to_string(path).unwrap_or_default();

@@ -76,7 +76,7 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 
 #[test]
 fn golden_output_of_every_example() {
-    let bless = std::env::var_os("KAB_BLESS").is_some();
+    let bless = crate::bless();
     for name in EXAMPLES {
         let yaml = to_yaml(&render_stack(&example(name)));
         let path = root().join("tests/golden").join(format!("{name}.yaml"));
