@@ -14,7 +14,9 @@ use futures::StreamExt as _;
 use kube::core::DynamicObject;
 use kube::core::admission::AdmissionRequest;
 
-use super::engine::{Claims, Decision, Entities, External, Facts, Operation, RuleSet, evaluate};
+use super::engine::{
+    Admission, Claims, Decision, Entities, External, Operation, RuleSet, evaluate,
+};
 use super::metrics::Metrics;
 use super::review::{self, BadReview, MAX_BODY};
 
@@ -233,7 +235,7 @@ where
                 "denied",
             );
         }
-        let facts = Facts {
+        let admission = Admission {
             operation,
             namespace: request.namespace.as_deref().unwrap_or_default(),
             name: &name,
@@ -243,7 +245,7 @@ where
         };
         let decision = evaluate(
             &self.rules,
-            &facts,
+            &admission,
             &self.entities,
             &self.claims,
             &self.external,
