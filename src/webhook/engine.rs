@@ -158,10 +158,18 @@ pub enum ClaimOutcome {
 
 /// Unique-value claims, made atomically through the API server.
 pub trait Claims {
+    /// Why a claim could not be decided (the request is then denied with it: fail closed).
+    type Error: std::error::Error + Send + Sync + 'static;
     /// What [`Claims::acquire`] would answer, without writing anything (dry run).
-    fn check(&self, claim: &Claim) -> impl Future<Output = Result<ClaimOutcome, String>> + Send;
+    fn check(
+        &self,
+        claim: &Claim,
+    ) -> impl Future<Output = Result<ClaimOutcome, Self::Error>> + Send;
     /// Claims the value for `claim.holder`.
-    fn acquire(&self, claim: &Claim) -> impl Future<Output = Result<ClaimOutcome, String>> + Send;
+    fn acquire(
+        &self,
+        claim: &Claim,
+    ) -> impl Future<Output = Result<ClaimOutcome, Self::Error>> + Send;
     /// Gives the value up if `claim.holder` holds it (best effort; never fails the request).
     fn release(&self, claim: &Claim) -> impl Future<Output = ()> + Send;
 }
@@ -613,9 +621,9 @@ mod tests {
                 .get(&(rule.to_string(), values.to_string()))
                 .cloned()
         }
-        fn outcome(&self, c: &Claim, write: bool) -> Result<ClaimOutcome, String> {
+        fn outcome(&self, c: &Claim, write: bool) -> Result<ClaimOutcome, Unanswered> {
             if self.broken {
-                return Err("the API server did not answer".into());
+                return Err(Unanswered);
             }
             if let Some(h) = self.claiming.get(&key(c)) {
                 return Ok(ClaimOutcome::Claiming {
@@ -636,8 +644,14 @@ mod tests {
         }
     }
 
+    /// What a broken [`Memory`] fails with.
+    #[derive(Debug, thiserror::Error)]
+    #[error("the API server did not answer")]
+    struct Unanswered;
+
     impl Claims for Memory {
-        async fn check(&self, c: &Claim) -> Result<ClaimOutcome, String> {
+        type Error = Unanswered;
+        async fn check(&self, c: &Claim) -> Result<ClaimOutcome, Unanswered> {
             self.calls.lock().unwrap().push(format!(
                 "check {} {}",
                 c.rule,
@@ -645,7 +659,7 @@ mod tests {
             ));
             self.outcome(c, false)
         }
-        async fn acquire(&self, c: &Claim) -> Result<ClaimOutcome, String> {
+        async fn acquire(&self, c: &Claim) -> Result<ClaimOutcome, Unanswered> {
             self.calls.lock().unwrap().push(format!(
                 "acquire {} {}",
                 c.rule,

@@ -310,10 +310,11 @@ mod tests {
     }
     struct Free;
     impl Claims for Free {
-        async fn check(&self, _: &Claim) -> Result<ClaimOutcome, String> {
+        type Error = std::convert::Infallible;
+        async fn check(&self, _: &Claim) -> Result<ClaimOutcome, Self::Error> {
             Ok(ClaimOutcome::Granted)
         }
-        async fn acquire(&self, _: &Claim) -> Result<ClaimOutcome, String> {
+        async fn acquire(&self, _: &Claim) -> Result<ClaimOutcome, Self::Error> {
             Ok(ClaimOutcome::Granted)
         }
         async fn release(&self, _: &Claim) {}
