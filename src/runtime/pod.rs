@@ -24,6 +24,50 @@ pub enum Program {
     Nats,
 }
 
+/// Why a container cannot be started yet: its pod status shows `CreateContainerConfigError`
+/// with this message (the kubelet's wording where it has one) until the cause is gone.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerConfigError {
+    /// A ConfigMap or Secret volume's object is missing.
+    #[error("{kind} \"{name}\" not found")]
+    MissingVolume {
+        /// `configmap` or `secret`.
+        kind: &'static str,
+        /// The object.
+        name: String,
+    },
+    /// An env var's ConfigMap or Secret key is missing.
+    #[error("{kind} \"{name}\" or its key \"{key}\" not found")]
+    MissingKey {
+        /// `configmap` or `secret`.
+        kind: &'static str,
+        /// The object.
+        name: String,
+        /// The key.
+        key: String,
+    },
+    /// The NATS configuration could not be read or its local copy written.
+    #[error("{doing} {path}: {source}")]
+    NatsConfig {
+        /// `reading the NATS configuration` or `writing`.
+        doing: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No kubeconfig could be issued for the pod's ServiceAccount.
+    #[error("issuing an identity for {user}: {source:#}")]
+    Identity {
+        /// `system:serviceaccount:<ns>:<name>`.
+        user: String,
+        /// Why.
+        #[source]
+        source: anyhow::Error,
+    },
+}
+
 /// A process the runtime runs, for tests and `kab dev`.
 #[derive(Clone, Debug)]
 pub struct ProcessInfo {
@@ -281,20 +325,27 @@ impl PodHandle {
         }
     }
 
-    fn volume_ready(&self, v: &LocalVolume) -> Result<(), String> {
-        match &v.source {
+    fn volume_ready(&self, v: &LocalVolume) -> Result<(), ContainerConfigError> {
+        let (kind, name) = match &v.source {
             Source::ConfigMap {
                 name,
                 optional: false,
                 ..
-            } if !v.dir.join("..data").exists() => Err(format!("configmap \"{name}\" not found")),
+            } => ("configmap", name),
             Source::Secret {
                 name,
                 optional: false,
                 ..
-            } if !v.dir.join("..data").exists() => Err(format!("secret \"{name}\" not found")),
-            _ => Ok(()),
+            } => ("secret", name),
+            _ => return Ok(()),
+        };
+        if v.dir.join("..data").exists() {
+            return Ok(());
         }
+        Err(ContainerConfigError::MissingVolume {
+            kind,
+            name: name.clone(),
+        })
     }
 
     fn set(&self, i: usize, f: impl FnOnce(&mut ContainerState)) {
@@ -341,7 +392,7 @@ impl PodHandle {
                 Ok(cmd) => cmd,
                 Err(reason) => {
                     self.set(i, |s| {
-                        s.waiting = Some(("CreateContainerConfigError".into(), reason))
+                        s.waiting = Some(("CreateContainerConfigError".into(), reason.to_string()))
                     });
                     // Wait for the missing object (volumes are refreshed on every change).
                     let _ = tokio::time::timeout(Duration::from_secs(2), stop_rx.changed()).await;
@@ -507,7 +558,11 @@ impl PodHandle {
     }
 
     /// The local command for a container: program, remapped args, resolved env.
-    fn command(&self, program: Program, c: &Container) -> Result<std::process::Command, String> {
+    fn command(
+        &self,
+        program: Program,
+        c: &Container,
+    ) -> Result<std::process::Command, ContainerConfigError> {
         for v in &self.inner.volumes {
             self.volume_ready(v)?;
         }
@@ -548,11 +603,21 @@ impl PodHandle {
                 if let Some(i) = args.iter().position(|a| a == "--config" || a == "-c")
                     && let Some(path) = args.get(i + 1).cloned()
                 {
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| format!("reading the NATS configuration {path}: {e}"))?;
+                    let text = std::fs::read_to_string(&path).map_err(|source| {
+                        ContainerConfigError::NatsConfig {
+                            doing: "reading the NATS configuration",
+                            path: PathBuf::from(&path),
+                            source,
+                        }
+                    })?;
                     let local = home.join("nats.conf");
-                    std::fs::write(&local, volumes::remap_text(&text, &mounts))
-                        .map_err(|e| format!("writing {}: {e}", local.display()))?;
+                    std::fs::write(&local, volumes::remap_text(&text, &mounts)).map_err(
+                        |source| ContainerConfigError::NatsConfig {
+                            doing: "writing",
+                            path: local.clone(),
+                            source,
+                        },
+                    )?;
                     args[i + 1] = local.display().to_string();
                 }
                 cmd.args(&args);
@@ -589,7 +654,10 @@ impl PodHandle {
                 &user,
                 &["system:serviceaccounts", &group, "system:authenticated"],
             )
-            .map_err(|e| format!("issuing an identity for {user}: {e:#}"))?;
+            .map_err(|source| ContainerConfigError::Identity {
+                user: user.clone(),
+                source,
+            })?;
             cmd.env("KUBECONFIG", kubeconfig);
             cmd.env("KAB_HOSTS_FILE", self.inner.state.hosts_file());
             let find = |want: &dyn Fn(&k8s_openapi::api::core::v1::ContainerPort) -> bool| {
@@ -617,7 +685,7 @@ impl PodHandle {
         Ok(cmd)
     }
 
-    fn resolve_env(&self, vars: &[EnvVar]) -> Result<Vec<(String, String)>, String> {
+    fn resolve_env(&self, vars: &[EnvVar]) -> Result<Vec<(String, String)>, ContainerConfigError> {
         let pod = crate::lock(&self.inner.pod).clone();
         let objects = self.inner.state.lock_objects();
         let mut out: Vec<(String, String)> = Vec::new();
@@ -636,10 +704,11 @@ impl PodHandle {
                         Some(b) => String::from_utf8_lossy(&b.0).into_owned(),
                         None if s.optional == Some(true) => continue,
                         None => {
-                            return Err(format!(
-                                "secret \"{}\" or its key \"{}\" not found",
-                                s.name, s.key
-                            ));
+                            return Err(ContainerConfigError::MissingKey {
+                                kind: "secret",
+                                name: s.name.clone(),
+                                key: s.key.clone(),
+                            });
                         }
                     }
                 } else if let Some(c) = &from.config_map_key_ref {
@@ -653,10 +722,11 @@ impl PodHandle {
                         Some(s) => s.clone(),
                         None if c.optional == Some(true) => continue,
                         None => {
-                            return Err(format!(
-                                "configmap \"{}\" or its key \"{}\" not found",
-                                c.name, c.key
-                            ));
+                            return Err(ContainerConfigError::MissingKey {
+                                kind: "configmap",
+                                name: c.name.clone(),
+                                key: c.key.clone(),
+                            });
                         }
                     }
                 } else {
@@ -844,6 +914,33 @@ mod tests {
         let env = vec![("POD_NAME".to_string(), "todo-0".to_string())];
         assert_eq!(expand("--name=$(POD_NAME)", &env), "--name=todo-0");
         assert_eq!(expand("$(MISSING) stays", &env), "$(MISSING) stays");
+    }
+
+    #[test]
+    fn container_config_errors_read_like_the_kubelet_and_keep_their_cause() {
+        let volume = ContainerConfigError::MissingVolume {
+            kind: "secret",
+            name: "todo-webhook-tls".into(),
+        };
+        assert_eq!(volume.to_string(), r#"secret "todo-webhook-tls" not found"#);
+        let key = ContainerConfigError::MissingKey {
+            kind: "configmap",
+            name: "todo-config".into(),
+            key: "stack.json".into(),
+        };
+        assert_eq!(
+            key.to_string(),
+            r#"configmap "todo-config" or its key "stack.json" not found"#
+        );
+        let identity = ContainerConfigError::Identity {
+            user: "system:serviceaccount:shop:todo".into(),
+            source: anyhow::anyhow!("no CA key").context("signing the client certificate"),
+        };
+        assert_eq!(
+            identity.to_string(),
+            "issuing an identity for system:serviceaccount:shop:todo: signing the client certificate: no CA key"
+        );
+        assert!(std::error::Error::source(&identity).is_some());
     }
 
     #[test]
