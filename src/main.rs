@@ -192,10 +192,9 @@ fn main() -> std::process::ExitCode {
 
 /// glibc gives each thread that allocates concurrently its own heap arena (up to 8 per core) and
 /// rarely hands their free pages back: a watch-cache process such as the operator then holds far
-/// more resident memory than it uses. One arena: each arena keeps its own slack, and measured at
-/// 500 stacks the operator's peak RSS was 3 MiB lower with one than with two, at the same CPU
-/// (per-thread caches keep small allocations off the arena lock). `MALLOC_ARENA_MAX` in the
-/// environment still wins.
+/// more resident memory than it uses. One arena, because each arena keeps its own slack; the
+/// per-thread caches keep small allocations off the arena lock (see the README's benchmark
+/// section for what it saves). `MALLOC_ARENA_MAX` in the environment still wins.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
