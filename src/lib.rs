@@ -14,6 +14,7 @@ pub mod health;
 pub mod hosts;
 pub mod index;
 pub mod install;
+pub mod leader;
 pub mod metrics;
 pub mod olm;
 pub mod operator;

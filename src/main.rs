@@ -3,6 +3,7 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kab::api::KabStack;
+use kab::leader::{Election, stopped_or_lost};
 use kab::operator::{self, OperatorConfig};
 use kab::render::{self, Facts, Settings, Templates};
 use kab::telemetry::{LogFormat, init_logs};
@@ -308,11 +309,7 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("listening on {} for health and metrics", args.metrics_addr))?;
-    let server = tokio::spawn(kab::telemetry::serve_health(
-        listener,
-        metrics.readiness(),
-        metrics.exposition(),
-    ));
+    let server = tokio::spawn(kab::telemetry::serve_health(listener, metrics.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -320,7 +317,7 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
-    let mut lease_lost: Option<tokio::sync::watch::Receiver<bool>> = None;
+    let mut election = None;
     if args.leader_elect {
         let identity = std::env::var("POD_NAME")
             .unwrap_or_else(|_| format!("kab-operator-{}", std::process::id()));
@@ -330,41 +327,26 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
             .build()
             .await
             .context("setting up leader election")?;
-        let (mut leader, _task) = manager.watch().await;
         tracing::info!(%identity, namespace = %args.lease_namespace, "waiting to become the leader");
-        let mut stop = stop_rx.clone();
-        loop {
-            if *leader.borrow_and_update() {
-                break;
-            }
-            tokio::select! {
-                r = leader.changed() => r.context("leader election stopped")?,
-                _ = stop.changed() => return Ok(()),
-            }
-        }
+        let Some(won) = Election::win(manager, stop_rx.clone()).await? else {
+            return Ok(()); // stopped while waiting
+        };
         tracing::info!("became the leader");
-        lease_lost = Some(leader);
+        election = Some(won);
     }
     metrics.set_ready(true);
 
-    let mut stop = stop_rx.clone();
+    let leader = election.as_ref().map(Election::leader);
     let shutdown = async move {
-        match lease_lost {
-            Some(mut leader) => {
-                tokio::select! {
-                    _ = stop.changed() => {}
-                    _ = async { while leader.changed().await.is_ok() { if !*leader.borrow() { break; } } } => {
-                        tracing::error!("lost leadership: stopping");
-                    }
-                }
-            }
-            None => {
-                let _ = stop.changed().await;
-            }
+        if stopped_or_lost(leader, stop_rx).await {
+            tracing::error!("lost leadership: stopping");
         }
     };
     tracing::info!("kab operator starting");
     operator::run(client, config, metrics, shutdown).await?;
+    if let Some(election) = election {
+        election.release().await;
+    }
     server.abort();
     tracing::info!("kab operator stopped");
     Ok(())

@@ -1,7 +1,7 @@
 //! The operator's metrics and readiness (served by [`crate::telemetry::serve_health`]).
 
 use crate::api::{KabStack, Phase};
-use crate::telemetry::{self, Exposition, Readiness};
+use crate::telemetry::{self, Health};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -107,27 +107,23 @@ impl Metrics {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    /// Why the process is not ready, for `/readyz`.
-    pub fn readiness(self: &Arc<Self>) -> Readiness {
-        let m = self.clone();
-        Arc::new(move || {
-            if m.ready.load(Ordering::Relaxed) {
-                vec![]
-            } else {
-                vec!["not the leader yet"]
-            }
-        })
-    }
-
     /// Text exposition of every metric.
     pub fn encode(&self) -> String {
         telemetry::encode(&self.registry)
     }
+}
 
-    /// [`Metrics::encode`] at each scrape, for `/metrics`.
-    pub fn exposition(self: &Arc<Self>) -> Exposition {
-        let m = self.clone();
-        Arc::new(move || m.encode())
+impl Health for Metrics {
+    fn not_ready(&self) -> Vec<&'static str> {
+        if self.ready.load(Ordering::Relaxed) {
+            vec![]
+        } else {
+            vec!["not the leader yet"]
+        }
+    }
+
+    fn metrics_text(&self) -> String {
+        self.encode()
     }
 }
 

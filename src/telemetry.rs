@@ -35,18 +35,24 @@ pub fn init_logs(format: LogFormat, default_filter: &str) {
     };
 }
 
-/// Why the process is not ready: one reason per unmet condition, none when it is ready.
-pub type Readiness = Arc<dyn Fn() -> Vec<&'static str> + Send + Sync>;
-
-/// The metrics in the text exposition format, produced at each scrape.
-pub type Exposition = Arc<dyn Fn() -> String + Send + Sync>;
+/// What the health endpoints show of a process.
+pub trait Health: Send + Sync + 'static {
+    /// Why the process is not ready, one reason per unmet condition; none when it is ready.
+    fn not_ready(&self) -> Vec<&'static str>;
+    /// Every metric in the text exposition format, sampled now.
+    fn metrics_text(&self) -> String;
+}
 
 /// `/healthz` (200 while the process answers), `/readyz` (200 `ready`, or 503
-/// `not ready: <reasons>`) and `/metrics` (OpenMetrics text).
-pub fn health_routes(readiness: Readiness, metrics: Exposition) -> Router {
+/// `not ready: <reasons>`) and `/metrics` (OpenMetrics text) of `health`.
+pub fn health_routes<H: Health>(health: Arc<H>) -> Router {
+    let metrics = health.clone();
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(move || async move { readyz(&readiness()) }))
+        .route(
+            "/readyz",
+            get(move || async move { readyz(&health.not_ready()) }),
+        )
         .route(
             "/metrics",
             get(move || async move {
@@ -55,7 +61,7 @@ pub fn health_routes(readiness: Readiness, metrics: Exposition) -> Router {
                         header::CONTENT_TYPE,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
-                    metrics(),
+                    metrics.metrics_text(),
                 )
             }),
         )
@@ -74,12 +80,11 @@ fn readyz(missing: &[&str]) -> Response {
 }
 
 /// Serves [`health_routes`] on `listener` until the process ends.
-pub async fn serve_health(
+pub async fn serve_health<H: Health>(
     listener: tokio::net::TcpListener,
-    readiness: Readiness,
-    metrics: Exposition,
+    health: Arc<H>,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, health_routes(readiness, metrics)).await?;
+    axum::serve(listener, health_routes(health)).await?;
     Ok(())
 }
 
@@ -92,47 +97,62 @@ pub fn encode(registry: &Registry) -> String {
     out
 }
 
+/// GETs `path` from `router` without a socket: the status and the body.
+#[cfg(test)]
+pub(crate) async fn fetch(router: Router, path: &str) -> (u16, String) {
+    use tower::ServiceExt as _;
+    let request = axum::http::Request::get(path)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = router.oneshot(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::body::Body;
-    use axum::http::Request;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use tower::ServiceExt as _;
 
-    async fn get(router: Router, path: &str) -> (u16, String) {
-        let r = router
-            .oneshot(Request::get(path).body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        (status, String::from_utf8_lossy(&body).into_owned())
+    struct Process {
+        ready: AtomicBool,
+    }
+
+    impl Health for Process {
+        fn not_ready(&self) -> Vec<&'static str> {
+            if self.ready.load(Ordering::Relaxed) {
+                vec![]
+            } else {
+                vec!["cache not synced", "no leader"]
+            }
+        }
+        fn metrics_text(&self) -> String {
+            "up 1\n# EOF\n".to_owned()
+        }
     }
 
     #[tokio::test]
     async fn health_readiness_and_metrics_are_served() {
-        let ready = Arc::new(AtomicBool::new(false));
-        let r = ready.clone();
-        let routes = health_routes(
-            Arc::new(move || {
-                if r.load(Ordering::Relaxed) {
-                    vec![]
-                } else {
-                    vec!["cache not synced", "no leader"]
-                }
-            }),
-            Arc::new(|| "up 1\n# EOF\n".to_owned()),
-        );
-        assert_eq!(get(routes.clone(), "/healthz").await, (200, "ok".into()));
+        let process = Arc::new(Process {
+            ready: AtomicBool::new(false),
+        });
+        let routes = health_routes(process.clone());
+        assert_eq!(fetch(routes.clone(), "/healthz").await, (200, "ok".into()));
         assert_eq!(
-            get(routes.clone(), "/readyz").await,
+            fetch(routes.clone(), "/readyz").await,
             (503, "not ready: cache not synced; no leader".into())
         );
-        ready.store(true, Ordering::Relaxed);
-        assert_eq!(get(routes.clone(), "/readyz").await, (200, "ready".into()));
-        assert_eq!(get(routes, "/metrics").await, (200, "up 1\n# EOF\n".into()));
+        process.ready.store(true, Ordering::Relaxed);
+        assert_eq!(
+            fetch(routes.clone(), "/readyz").await,
+            (200, "ready".into())
+        );
+        assert_eq!(
+            fetch(routes, "/metrics").await,
+            (200, "up 1\n# EOF\n".into())
+        );
     }
 }

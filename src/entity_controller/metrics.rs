@@ -1,7 +1,6 @@
 //! The entity controller's metrics and readiness (served by
 //! [`crate::telemetry::serve_health`]).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::event::Change;
-use crate::telemetry::{self, Exposition, Readiness};
+use crate::telemetry::{self, Health};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ChangeLabels {
@@ -197,8 +196,14 @@ impl Metrics {
         self.not_ready().is_empty()
     }
 
-    /// Why the controller is not [`ready`](Metrics::ready), one reason per unmet condition.
-    pub fn not_ready(&self) -> Vec<&'static str> {
+    /// Text exposition of every metric.
+    pub fn encode(&self) -> String {
+        telemetry::encode(&self.registry)
+    }
+}
+
+impl Health for Metrics {
+    fn not_ready(&self) -> Vec<&'static str> {
         let mut missing = Vec::new();
         if self.needs_broker && !self.broker_up.load(Ordering::Relaxed) {
             missing.push("not connected to the broker");
@@ -209,21 +214,8 @@ impl Metrics {
         missing
     }
 
-    /// [`Metrics::not_ready`] at each probe, for `/readyz`.
-    pub fn readiness(self: &Arc<Self>) -> Readiness {
-        let m = self.clone();
-        Arc::new(move || m.not_ready())
-    }
-
-    /// Text exposition of every metric.
-    pub fn encode(&self) -> String {
-        telemetry::encode(&self.registry)
-    }
-
-    /// [`Metrics::encode`] at each scrape, for `/metrics`.
-    pub fn exposition(self: &Arc<Self>) -> Exposition {
-        let m = self.clone();
-        Arc::new(move || m.encode())
+    fn metrics_text(&self) -> String {
+        self.encode()
     }
 }
 

@@ -43,6 +43,7 @@ use self::metrics::Metrics;
 use self::notify::Notifier;
 use self::reconcile::Context;
 use crate::hosts::Hosts;
+use crate::leader::{Election, stopped_or_lost};
 use crate::telemetry::{LogFormat, init_logs, serve_health};
 
 /// `kab entity-controller` arguments.
@@ -89,11 +90,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("listening on {} for health and metrics", args.metrics_addr))?;
-    let server = tokio::spawn(serve_health(
-        listener,
-        metrics.readiness(),
-        metrics.exposition(),
-    ));
+    let server = tokio::spawn(serve_health(listener, metrics.clone()));
 
     let client = kube::Client::try_default()
         .await
@@ -197,22 +194,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(watch_backlog(store, ctx.clone()));
 
     let (lost_tx, mut lost_rx) = watch::channel(false);
-    let mut stop = stop_rx.clone();
-    let leader = election.as_ref().map(|e| e.leader.clone());
+    let leader = election.as_ref().map(Election::leader);
+    let stop = stop_rx.clone();
     let shutdown = async move {
-        match leader {
-            Some(mut leader) => {
-                tokio::select! {
-                    _ = stop.changed() => {}
-                    _ = async { while leader.changed().await.is_ok() { if !*leader.borrow() { break; } } } => {
-                        tracing::error!("lost the leader Lease: stopping");
-                        let _ = lost_tx.send(true);
-                    }
-                }
-            }
-            None => {
-                let _ = stop.changed().await;
-            }
+        if stopped_or_lost(leader, stop).await {
+            tracing::error!("lost the leader Lease: stopping");
+            let _ = lost_tx.send(true);
         }
     };
     controller
@@ -240,29 +227,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A won election: the leader flag and the task that renews (and finally releases) the Lease.
-struct Election {
-    leader: watch::Receiver<bool>,
-    task: tokio::task::JoinHandle<
-        Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError>,
-    >,
-}
-
-impl Election {
-    /// Releases the Lease so that another replica takes over at once.
-    async fn release(self) {
-        drop(self.leader);
-        let _ = tokio::time::timeout(Duration::from_secs(3), self.task).await;
-    }
-}
-
 /// Waits to become the leader; `None` when stopped first.
 async fn elect(
     client: &kube::Client,
     config: &StackConfig,
     identity: &str,
     args: &Args,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<Election>> {
     let duration = args.lease_duration_seconds.max(2);
     let lease = config.lease_name();
@@ -274,23 +245,12 @@ async fn elect(
         .build()
         .await
         .context("setting up leader election")?;
-    let (mut leader, task) = manager.watch().await;
     tracing::info!(%identity, %lease, "waiting to become the leader");
-    loop {
-        if *leader.borrow_and_update() {
-            break;
-        }
-        tokio::select! {
-            r = leader.changed() => r.context("leader election stopped")?,
-            _ = stop.changed() => {
-                drop(leader);
-                let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
-                return Ok(None);
-            }
-        }
+    let won = Election::win(manager, stop).await?;
+    if won.is_some() {
+        tracing::info!(%identity, %lease, "became the leader");
     }
-    tracing::info!(%identity, %lease, "became the leader");
-    Ok(Some(Election { leader, task }))
+    Ok(won)
 }
 
 /// Every second: the backlog metrics (entities with an unpublished change, age of the oldest

@@ -352,7 +352,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
             })
         });
 
-    let readiness: crate::telemetry::Readiness = {
+    let readiness: server::Readiness = {
         let (cache, certs) = (cache.clone(), certs.clone());
         Arc::new(move || {
             let mut missing = Vec::new();

@@ -21,7 +21,7 @@ use super::metrics::Metrics;
 use super::review::{self, BadReview, MAX_BODY};
 
 use crate::admission_probe::{DENIAL_MARKER, PROBE_ANNOTATION};
-use crate::telemetry::{Exposition, Readiness, health_routes};
+use crate::telemetry::{Health, health_routes};
 
 /// Bodies over [`MAX_BODY`] are still read, up to this much, so that the client can read the
 /// 413 (a server that closes on unread data makes the client's TCP stack drop the answer).
@@ -41,6 +41,9 @@ pub struct Scope {
     /// The stack's namespace.
     pub namespace: String,
 }
+
+/// Reports why the process is not ready (empty: ready).
+pub type Readiness = Arc<dyn Fn() -> Vec<&'static str> + Send + Sync>;
 
 /// Everything a request needs.
 pub struct App<E, C, X> {
@@ -69,18 +72,27 @@ where
     C: Claims + Send + Sync + 'static,
     X: External + Send + Sync + 'static,
 {
-    let exposition: Exposition = {
-        let app = app.clone();
-        Arc::new(move || {
-            (app.on_scrape)();
-            app.metrics.encode()
-        })
-    };
-    let health = health_routes(app.readiness.clone(), exposition);
+    let health = health_routes(app.clone());
     Router::new()
         .route("/validate", post(validate::<E, C, X>))
         .with_state(app)
         .merge(health)
+}
+
+impl<E, C, X> Health for App<E, C, X>
+where
+    E: Send + Sync + 'static,
+    C: Send + Sync + 'static,
+    X: Send + Sync + 'static,
+{
+    fn not_ready(&self) -> Vec<&'static str> {
+        (self.readiness)()
+    }
+
+    fn metrics_text(&self) -> String {
+        (self.on_scrape)();
+        self.metrics.encode()
+    }
 }
 
 fn refuse(app_metrics: &Metrics, bad: BadReview, started: Instant) -> Response {
@@ -476,17 +488,7 @@ mod tests {
 
     #[tokio::test]
     async fn health_readiness_and_metrics() {
-        let get = |router: Router, path: &'static str| async move {
-            let r = router
-                .oneshot(Request::get(path).body(Body::empty()).unwrap())
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            let body = axum::body::to_bytes(r.into_body(), usize::MAX)
-                .await
-                .unwrap();
-            (status, String::from_utf8_lossy(&body).into_owned())
-        };
+        use crate::telemetry::fetch as get;
         assert_eq!(get(app(false), "/healthz").await.0, 200);
         assert_eq!(
             get(app(false), "/readyz").await,
