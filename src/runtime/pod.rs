@@ -694,40 +694,23 @@ impl PodHandle {
                 if let Some(f) = &from.field_ref {
                     field(&pod, &f.field_path, &self.inner.ip)
                 } else if let Some(s) = &from.secret_key_ref {
-                    let key = format!("{}/{}", self.inner.namespace, s.name);
-                    match objects
+                    let found = objects
                         .secrets
-                        .get(&key)
-                        .and_then(|o| o.data.as_ref())
-                        .and_then(|d| d.get(&s.key))
-                    {
-                        Some(b) => String::from_utf8_lossy(&b.0).into_owned(),
-                        None if s.optional == Some(true) => continue,
-                        None => {
-                            return Err(ContainerConfigError::MissingKey {
-                                kind: "secret",
-                                name: s.name.clone(),
-                                key: s.key.clone(),
-                            });
-                        }
+                        .get(&format!("{}/{}", self.inner.namespace, s.name))
+                        .and_then(|o| o.data.as_ref()?.get(&s.key))
+                        .map(|b| String::from_utf8_lossy(&b.0).into_owned());
+                    match key_ref(found, "secret", &s.name, &s.key, s.optional)? {
+                        Some(value) => value,
+                        None => continue,
                     }
                 } else if let Some(c) = &from.config_map_key_ref {
-                    let key = format!("{}/{}", self.inner.namespace, c.name);
-                    match objects
+                    let found = objects
                         .config_maps
-                        .get(&key)
-                        .and_then(|o| o.data.as_ref())
-                        .and_then(|d| d.get(&c.key))
-                    {
-                        Some(s) => s.clone(),
-                        None if c.optional == Some(true) => continue,
-                        None => {
-                            return Err(ContainerConfigError::MissingKey {
-                                kind: "configmap",
-                                name: c.name.clone(),
-                                key: c.key.clone(),
-                            });
-                        }
+                        .get(&format!("{}/{}", self.inner.namespace, c.name))
+                        .and_then(|o| o.data.as_ref()?.get(&c.key).cloned());
+                    match key_ref(found, "configmap", &c.name, &c.key, c.optional)? {
+                        Some(value) => value,
+                        None => continue,
                     }
                 } else {
                     String::new()
@@ -856,6 +839,26 @@ pub async fn force_delete(client: &Client, pod: &Pod) {
     }
 }
 
+/// The value of a `secretKeyRef` or `configMapKeyRef` (`found`); `None` when it is missing
+/// and optional (the variable is left out), an error when it is missing and required.
+fn key_ref(
+    found: Option<String>,
+    kind: &'static str,
+    name: &str,
+    key: &str,
+    optional: Option<bool>,
+) -> Result<Option<String>, ContainerConfigError> {
+    match found {
+        Some(value) => Ok(Some(value)),
+        None if optional == Some(true) => Ok(None),
+        None => Err(ContainerConfigError::MissingKey {
+            kind,
+            name: name.to_owned(),
+            key: key.to_owned(),
+        }),
+    }
+}
+
 /// A pod field for `fieldRef`.
 fn field(pod: &Pod, path: &str, ip: &str) -> String {
     let m = &pod.metadata;
@@ -941,6 +944,19 @@ mod tests {
             "issuing an identity for system:serviceaccount:shop:todo: signing the client certificate: no CA key"
         );
         assert!(std::error::Error::source(&identity).is_some());
+    }
+
+    #[test]
+    fn env_key_refs_resolve_or_are_left_out_or_fail() {
+        let found = key_ref(Some("v".into()), "secret", "s", "k", None).unwrap();
+        assert_eq!(found.as_deref(), Some("v"));
+        let optional = key_ref(None, "secret", "s", "k", Some(true)).unwrap();
+        assert_eq!(optional, None);
+        let missing = key_ref(None, "configmap", "c", "k", Some(false)).unwrap_err();
+        assert_eq!(
+            missing.to_string(),
+            r#"configmap "c" or its key "k" not found"#
+        );
     }
 
     #[test]
