@@ -8,6 +8,7 @@
 //! registration, the Service, the certificate and the webhook process all work. Nothing is ever
 //! persisted (dry run, and denied anyway).
 
+use kube::core::{ApiResource, DynamicObject};
 use serde_json::{Map, Value, json};
 
 /// Annotation marking a probe object (its value is a nonce, also in the object's name).
@@ -24,25 +25,18 @@ pub fn nonce_of(object: &Value) -> Option<&str> {
         .as_str()
 }
 
-/// The probe object for an entity: `apiVersion`, `kind`, a name, the annotation, and the minimal
-/// instance of the spec schema.
+/// The probe object for an entity: a name and the annotation carrying the nonce, and the minimal
+/// instance of the spec schema. Built, not parsed: there is no way for it to fail.
 pub fn probe_object(
-    api_version: &str,
-    kind: &str,
+    resource: &ApiResource,
     namespace: &str,
     spec_schema: &Value,
     nonce: &str,
-) -> Value {
-    json!({
-        "apiVersion": api_version,
-        "kind": kind,
-        "metadata": {
-            "name": format!("kab-probe-{nonce}"),
-            "namespace": namespace,
-            "annotations": {PROBE_ANNOTATION: nonce},
-        },
-        "spec": minimal_instance(spec_schema),
-    })
+) -> DynamicObject {
+    let mut object = DynamicObject::new(&format!("kab-probe-{nonce}"), resource).within(namespace);
+    object.metadata.annotations = Some([(PROBE_ANNOTATION.to_owned(), nonce.to_owned())].into());
+    object.data = json!({"spec": minimal_instance(spec_schema)});
+    object
 }
 
 /// The smallest value the API server accepts for a structural schema: required properties only,
@@ -175,16 +169,22 @@ mod tests {
 
     #[test]
     fn a_probe_object_carries_its_nonce() {
+        let todo = kube::core::GroupVersionKind::gvk("todo.example.com", "v1", "Todo");
+        let resource = ApiResource::from_gvk_with_plural(&todo, "todos");
         let o = probe_object(
-            "todo.example.com/v1",
-            "Todo",
+            &resource,
             "shop",
             &json!({"type": "object", "required": ["code"],
             "properties": {"code": {"type": "string"}}}),
             "n0nce",
         );
+        // What the webhook receives: the object as JSON.
+        let o = serde_json::to_value(&o).unwrap();
         assert_eq!(nonce_of(&o), Some("n0nce"));
+        assert_eq!(o["apiVersion"], "todo.example.com/v1");
+        assert_eq!(o["kind"], "Todo");
         assert_eq!(o["metadata"]["name"], "kab-probe-n0nce");
+        assert_eq!(o["metadata"]["namespace"], "shop");
         assert_eq!(o["spec"], json!({"code": ""}));
     }
 }

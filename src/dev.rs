@@ -42,15 +42,11 @@ fn step(msg: &str) {
 
 /// Runs `kab dev`.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // The client's own ERROR lines while the plane's API server starts are noise here.
-        .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new("warn,kube_client::client::builder=off")
-        });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    // The client's own ERROR lines while the plane's API server starts are noise here.
+    crate::telemetry::init_logs(
+        crate::telemetry::LogFormat::Text,
+        "warn,kube_client::client::builder=off",
+    );
     let started = Instant::now();
 
     let text = match &args.file {

@@ -1,12 +1,11 @@
 //! What the operator remembers of the children it watches.
 //!
-//! A reflector store keeps every watched object whole. With 500 stacks that is some 13,000
-//! objects, and it was most of the operator's memory (≈ 1.5 KiB per metadata-only object, ≈ 4 KiB
-//! per pod or workload, even trimmed). The operator reads little of them: whether a child exists
-//! and its version (to know when it changed under kab), which stack and component it belongs to
-//! (to map events to stacks and to prune), and, for workloads and pods, the few status fields
-//! health is computed from. [`Index`] keeps exactly that — a [`Seen`] of a few hundred bytes per
-//! object — and rebuilds typed objects from it for the pure health functions.
+//! A reflector store keeps every watched object whole (all its metadata and status), for every
+//! child of every stack. The operator reads little of them: whether a child exists and its
+//! version (to know when it changed under kab), which stack and component it belongs to (to map
+//! events to stacks and to prune), and, for workloads and pods, the few status fields health is
+//! computed from. [`Index`] keeps exactly that — one [`Seen`] per object — and rebuilds typed
+//! objects from it for the pure health functions.
 //!
 //! The index follows a watch the way a reflector does ([`Index::apply`]): `Apply`/`Delete`
 //! update one entry, and a (re)list (`Init` … `InitApply` … `InitDone`) is buffered and then
@@ -61,7 +60,7 @@ pub enum Body {
 }
 
 /// Of a pod's status, what [`crate::health::failing_pod`] and
-/// [`crate::health::unscheduled_pod`] read (a `PodStatus` is ~1 KiB even when nearly empty).
+/// [`crate::health::unscheduled_pod`] read, instead of the whole `PodStatus`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodFacts {
     phase: Option<Box<str>>,
@@ -637,5 +636,23 @@ mod tests {
             index.children_of(&["ServiceAccount"], "other", "orders"),
             vec![]
         );
+    }
+
+    #[test]
+    fn status_churn_does_not_count_as_a_change_but_spec_edits_do() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        let pdb = |generation, rv: &str| ObjectMeta {
+            generation: Some(generation),
+            resource_version: Some(rv.into()),
+            ..Default::default()
+        };
+        // A PDB whose status the disruption controller wrote: same generation, new resourceVersion.
+        assert_eq!(version_of(&pdb(1, "10")), version_of(&pdb(1, "11")));
+        assert_ne!(version_of(&pdb(1, "10")), version_of(&pdb(2, "12")));
+        let cm = |rv: &str| ObjectMeta {
+            resource_version: Some(rv.into()),
+            ..Default::default()
+        };
+        assert_ne!(version_of(&cm("10")), version_of(&cm("11")));
     }
 }

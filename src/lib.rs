@@ -1,8 +1,12 @@
 //! kab: Kubernetes as the backend of business applications.
 //!
-//! The pipeline of the operator is one module per step:
-//! [`api`] (the KabStack type) → [`validate`] → [`render`] → apply/prune ([`operator`]) → [`status`].
-//! [`plane`] runs a local control plane for `kab dev` and the end-to-end tests.
+//! The operator's pipeline, `finalizer → validate → certificates → render → plan → apply → prune
+//! → status`, lives in [`operator`], a file per step. The pure parts it builds on stand on their
+//! own: [`api`] (the KabStack type), [`validate`], [`certs`], [`render`], [`status`] and
+//! [`health`]. [`webhook`] and [`entity_controller`] are the per-stack processes; [`cli`],
+//! [`dev`] and [`plane`] (a local control plane for `kab dev` and the end-to-end tests) serve
+//! people. Imports point one way: `cli`/`dev` → `operator`/`webhook`/`entity_controller` → the
+//! pure modules.
 
 pub mod admission_probe;
 pub mod api;
@@ -14,6 +18,7 @@ pub mod health;
 pub mod hosts;
 pub mod index;
 pub mod install;
+pub mod leader;
 pub mod metrics;
 pub mod olm;
 pub mod operator;
@@ -21,6 +26,7 @@ pub mod plane;
 pub mod render;
 pub mod runtime;
 pub mod status;
+pub mod telemetry;
 pub mod validate;
 pub mod webhook;
 
@@ -35,6 +41,23 @@ pub fn crd_yaml() -> anyhow::Result<String> {
 /// to read after a panic elsewhere while one was held, so poisoning is ignored.
 pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Read-locks an `RwLock` of kab's in-memory state, ignoring poisoning as [`lock`] does.
+pub fn read<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Write-locks an `RwLock` of kab's in-memory state, ignoring poisoning as [`lock`] does.
+pub fn write<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether a test that compares with a committed file rewrites it instead: `KAB_BLESS=1`
+/// (any other value, or none, compares).
+#[cfg(test)]
+pub(crate) fn bless() -> bool {
+    std::env::var("KAB_BLESS").is_ok_and(|v| v == "1")
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -67,7 +90,7 @@ mod tests {
     fn committed_crd_is_current() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/kabstack.yaml");
         let generated = super::crd_yaml().unwrap();
-        if std::env::var("KAB_BLESS").is_ok_and(|v| v == "1") {
+        if super::bless() {
             std::fs::write(path, &generated).unwrap();
         }
         let committed = std::fs::read_to_string(path).unwrap_or_default();

@@ -3,8 +3,10 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kab::api::KabStack;
+use kab::leader::{Election, stopped_or_lost};
 use kab::operator::{self, OperatorConfig};
 use kab::render::{self, Facts, Settings, Templates};
+use kab::telemetry::{LogFormat, init_logs};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -167,24 +169,6 @@ struct OperatorArgs {
     log_format: LogFormat,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> std::process::ExitCode {
     limit_malloc_arenas();
     // One crypto provider only (kube's ring), installed before anything builds a TLS config.
@@ -209,10 +193,9 @@ fn main() -> std::process::ExitCode {
 
 /// glibc gives each thread that allocates concurrently its own heap arena (up to 8 per core) and
 /// rarely hands their free pages back: a watch-cache process such as the operator then holds far
-/// more resident memory than it uses. One arena: each arena keeps its own slack, and measured at
-/// 500 stacks the operator's peak RSS was 3 MiB lower with one than with two, at the same CPU
-/// (per-thread caches keep small allocations off the arena lock). `MALLOC_ARENA_MAX` in the
-/// environment still wins.
+/// more resident memory than it uses. One arena, because each arena keeps its own slack; the
+/// per-thread caches keep small allocations off the arena lock (see the README's benchmark
+/// section for what it saves). `MALLOC_ARENA_MAX` in the environment still wins.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
@@ -263,13 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Operator(args) => run_operator(args).await,
         Command::Dev(args) => kab::dev::run(args).await,
-        Command::Webhook(args) => {
-            init_logs(match args.log_format {
-                kab::webhook::LogFormat::Text => LogFormat::Text,
-                kab::webhook::LogFormat::Json => LogFormat::Json,
-            });
-            kab::webhook::run(args).await
-        }
+        Command::Webhook(args) => kab::webhook::run(args).await,
         Command::EntityController(args) => kab::entity_controller::run(args).await,
         Command::Status(args) => kab::cli::status::run(args).await,
         Command::Completions(args) => {
@@ -299,7 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
-    init_logs(args.log_format);
+    init_logs(args.log_format, "info,kube=warn");
     let client = kube::Client::try_default()
         .await
         .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
@@ -329,7 +306,10 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
     };
     let metrics = Arc::new(kab::metrics::Metrics::new());
-    let server = tokio::spawn(metrics.clone().serve(args.metrics_addr));
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("listening on {} for health and metrics", args.metrics_addr))?;
+    let server = tokio::spawn(kab::telemetry::serve_health(listener, metrics.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -337,7 +317,7 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
-    let mut lease_lost: Option<tokio::sync::watch::Receiver<bool>> = None;
+    let mut election = None;
     if args.leader_elect {
         let identity = std::env::var("POD_NAME")
             .unwrap_or_else(|_| format!("kab-operator-{}", std::process::id()));
@@ -347,41 +327,26 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
             .build()
             .await
             .context("setting up leader election")?;
-        let (mut leader, _task) = manager.watch().await;
         tracing::info!(%identity, namespace = %args.lease_namespace, "waiting to become the leader");
-        let mut stop = stop_rx.clone();
-        loop {
-            if *leader.borrow_and_update() {
-                break;
-            }
-            tokio::select! {
-                r = leader.changed() => r.context("leader election stopped")?,
-                _ = stop.changed() => return Ok(()),
-            }
-        }
+        let Some(won) = Election::win(manager, stop_rx.clone()).await? else {
+            return Ok(()); // stopped while waiting
+        };
         tracing::info!("became the leader");
-        lease_lost = Some(leader);
+        election = Some(won);
     }
     metrics.set_ready(true);
 
-    let mut stop = stop_rx.clone();
+    let leader = election.as_ref().map(Election::leader);
     let shutdown = async move {
-        match lease_lost {
-            Some(mut leader) => {
-                tokio::select! {
-                    _ = stop.changed() => {}
-                    _ = async { while leader.changed().await.is_ok() { if !*leader.borrow() { break; } } } => {
-                        tracing::error!("lost leadership: stopping");
-                    }
-                }
-            }
-            None => {
-                let _ = stop.changed().await;
-            }
+        if stopped_or_lost(leader, stop_rx).await {
+            tracing::error!("lost leadership: stopping");
         }
     };
     tracing::info!("kab operator starting");
     operator::run(client, config, metrics, shutdown).await?;
+    if let Some(election) = election {
+        election.release().await;
+    }
     server.abort();
     tracing::info!("kab operator stopped");
     Ok(())

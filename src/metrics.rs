@@ -1,6 +1,7 @@
-//! Operator metrics and the `/healthz`, `/readyz`, `/metrics` endpoints.
+//! The operator's metrics and readiness (served by [`crate::telemetry::serve_health`]).
 
 use crate::api::{KabStack, Phase};
+use crate::telemetry::{self, Health};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -101,52 +102,28 @@ impl Metrics {
         }
     }
 
-    /// Marks the process ready (caches synced, leading or not).
+    /// Marks the process ready (leading, when it elects a leader).
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
     /// Text exposition of every metric.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
+        telemetry::encode(&self.registry)
+    }
+}
+
+impl Health for Metrics {
+    fn not_ready(&self) -> Vec<&'static str> {
+        if self.ready.load(Ordering::Relaxed) {
+            vec![]
+        } else {
+            vec!["not the leader yet"]
         }
-        out
     }
 
-    /// Serves `/healthz`, `/readyz` and `/metrics` on `addr` until the process ends.
-    pub async fn serve(self: Arc<Self>, addr: std::net::SocketAddr) -> anyhow::Result<()> {
-        use axum::{Router, http::StatusCode, routing::get};
-        let m = self.clone();
-        let r = self.clone();
-        let app = Router::new()
-            .route("/healthz", get(|| async { "ok" }))
-            .route(
-                "/readyz",
-                get(move || {
-                    let r = r.clone();
-                    async move {
-                        if r.ready.load(Ordering::Relaxed) {
-                            (StatusCode::OK, "ready")
-                        } else {
-                            (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                        }
-                    }
-                }),
-            )
-            .route(
-                "/metrics",
-                get(move || {
-                    let m = m.clone();
-                    async move { m.encode() }
-                }),
-            );
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for health and metrics: {e}"))?;
-        axum::serve(listener, app).await?;
-        Ok(())
+    fn metrics_text(&self) -> String {
+        self.encode()
     }
 }
 

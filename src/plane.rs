@@ -327,7 +327,7 @@ impl Plane {
 
     /// `(component, pid)` of every running component.
     pub fn pids(&self) -> Vec<(String, u32)> {
-        let mut procs = process_lock(&self.components);
+        let mut procs = crate::lock(&self.components);
         procs
             .iter_mut()
             .filter_map(|p| {
@@ -344,7 +344,7 @@ impl Plane {
         if self.stopped.load(Ordering::SeqCst) {
             return Vec::new();
         }
-        let mut procs = process_lock(&self.components);
+        let mut procs = crate::lock(&self.components);
         procs
             .iter_mut()
             .filter_map(|p| {
@@ -447,7 +447,7 @@ impl Plane {
         if self.stopped.swap(true, Ordering::SeqCst) {
             return;
         }
-        let mut procs = std::mem::take(&mut *process_lock(&self.components));
+        let mut procs = std::mem::take(&mut *crate::lock(&self.components));
         stop_in_order(&mut procs);
     }
 }
@@ -456,10 +456,6 @@ impl Drop for Plane {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn process_lock(m: &Mutex<Vec<Process>>) -> std::sync::MutexGuard<'_, Vec<Process>> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Clients of the API server first (closing their watches lets it exit
@@ -640,13 +636,13 @@ impl Starting {
             cmd.env("HOME", &self.layout.dir);
         }
         let p = process::spawn(name, cmd, &self.layout.log(name))?;
-        process_lock(&self.procs).push(p);
+        crate::lock(&self.procs).push(p);
         Ok(())
     }
 
     /// The first component that has exited, as an error naming it and its log.
     fn dead(&self) -> Option<anyhow::Error> {
-        let mut procs = process_lock(&self.procs);
+        let mut procs = crate::lock(&self.procs);
         procs.iter_mut().find_map(|p| {
             p.exited().map(|status| {
                 anyhow!(
@@ -715,7 +711,7 @@ impl Starting {
 
     fn fail(self, error: anyhow::Error, logs_to: Option<&Path>) -> StartFailure {
         let port_conflict = self.port_conflict();
-        let mut procs = std::mem::take(&mut *process_lock(&self.procs));
+        let mut procs = std::mem::take(&mut *crate::lock(&self.procs));
         stop_in_order(&mut procs);
         if let Some(dest) = logs_to.filter(|_| !port_conflict) {
             let _ = copy_dir_files(&self.layout.logs, dest);
@@ -758,7 +754,7 @@ async fn start_once(
             config,
             client,
             ca,
-            components: Mutex::new(std::mem::take(&mut *process_lock(&starting.procs))),
+            components: Mutex::new(std::mem::take(&mut *crate::lock(&starting.procs))),
             stopped: AtomicBool::new(false),
             timings,
             layout: starting.layout,

@@ -1,6 +1,6 @@
-//! The entity controller's metrics and its `/healthz`, `/readyz`, `/metrics` endpoints.
+//! The entity controller's metrics and readiness (served by
+//! [`crate::telemetry::serve_health`]).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::event::Change;
+use crate::telemetry::{self, Health};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ChangeLabels {
@@ -192,48 +193,29 @@ impl Metrics {
     /// Ready: the broker is connected (or there is none), and a leader is watching (a standby
     /// replica is ready to take over as soon as its broker connection is).
     pub fn ready(&self) -> bool {
-        let broker = !self.needs_broker || self.broker_up.load(Ordering::Relaxed);
-        let leading = self.leading.load(Ordering::Relaxed);
-        broker && (!leading || self.watching.load(Ordering::Relaxed))
+        self.not_ready().is_empty()
     }
 
     /// Text exposition of every metric.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
+        telemetry::encode(&self.registry)
+    }
+}
+
+impl Health for Metrics {
+    fn not_ready(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        if self.needs_broker && !self.broker_up.load(Ordering::Relaxed) {
+            missing.push("not connected to the broker");
         }
-        out
+        if self.leading.load(Ordering::Relaxed) && !self.watching.load(Ordering::Relaxed) {
+            missing.push("the entity watch has not listed everything yet");
+        }
+        missing
     }
 
-    /// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until the process ends.
-    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
-        use axum::{Router, http::StatusCode, routing::get};
-        let ready = self.clone();
-        let app = Router::new()
-            .route("/healthz", get(|| async { "ok" }))
-            .route(
-                "/readyz",
-                get(move || {
-                    let ready = ready.clone();
-                    async move {
-                        if ready.ready() {
-                            (StatusCode::OK, "ready")
-                        } else {
-                            (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                        }
-                    }
-                }),
-            )
-            .route(
-                "/metrics",
-                get(move || {
-                    let metrics = self.clone();
-                    async move { metrics.encode() }
-                }),
-            );
-        axum::serve(listener, app).await?;
-        Ok(())
+    fn metrics_text(&self) -> String {
+        self.encode()
     }
 }
 

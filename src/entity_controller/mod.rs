@@ -4,7 +4,7 @@
 //! entity, through kube-runtime's work queue: finalizer, catch-up, publish, notify, status) with
 //! the pure parts in [`event`] (the CloudEvent, subject and deduplication id) and [`status`]
 //! (`status.kab`), the I/O in [`broker`] (NATS JetStream) and [`notify`] (HTTP callback), and
-//! [`metrics`] (`/healthz`, `/readyz`, `/metrics`).
+//! [`metrics`] (metrics and readiness, served on `/metrics` and `/readyz`).
 //!
 //! Guarantees: every creation, generation change and deletion that the controller observes is
 //! published at least once and stored once (JetStream deduplication on a stable id), in order
@@ -43,6 +43,8 @@ use self::metrics::Metrics;
 use self::notify::Notifier;
 use self::reconcile::Context;
 use crate::hosts::Hosts;
+use crate::leader::{Election, stopped_or_lost};
+use crate::telemetry::{LogFormat, init_logs, serve_health};
 
 /// `kab entity-controller` arguments.
 #[derive(clap::Args, Clone, Debug)]
@@ -79,35 +81,16 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
-/// Log output format.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,async_nats=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
-
 /// Runs the entity controller until SIGTERM/SIGINT (or until it loses leadership, an error).
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    init_logs(args.log_format);
+    init_logs(args.log_format, "info,kube=warn,async_nats=warn");
     let config = Arc::new(StackConfig::load(&args.config)?);
     let hosts = Hosts::path_from_env();
     let metrics = Arc::new(Metrics::new(config.publishes()));
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("listening on {} for health and metrics", args.metrics_addr))?;
-    let server = tokio::spawn(metrics.clone().serve(listener));
+    let server = tokio::spawn(serve_health(listener, metrics.clone()));
 
     let client = kube::Client::try_default()
         .await
@@ -211,22 +194,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(watch_backlog(store, ctx.clone()));
 
     let (lost_tx, mut lost_rx) = watch::channel(false);
-    let mut stop = stop_rx.clone();
-    let leader = election.as_ref().map(|e| e.leader.clone());
+    let leader = election.as_ref().map(Election::leader);
+    let stop = stop_rx.clone();
     let shutdown = async move {
-        match leader {
-            Some(mut leader) => {
-                tokio::select! {
-                    _ = stop.changed() => {}
-                    _ = async { while leader.changed().await.is_ok() { if !*leader.borrow() { break; } } } => {
-                        tracing::error!("lost the leader Lease: stopping");
-                        let _ = lost_tx.send(true);
-                    }
-                }
-            }
-            None => {
-                let _ = stop.changed().await;
-            }
+        if stopped_or_lost(leader, stop).await {
+            tracing::error!("lost the leader Lease: stopping");
+            let _ = lost_tx.send(true);
         }
     };
     controller
@@ -254,29 +227,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A won election: the leader flag and the task that renews (and finally releases) the Lease.
-struct Election {
-    leader: watch::Receiver<bool>,
-    task: tokio::task::JoinHandle<
-        Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError>,
-    >,
-}
-
-impl Election {
-    /// Releases the Lease so that another replica takes over at once.
-    async fn release(self) {
-        drop(self.leader);
-        let _ = tokio::time::timeout(Duration::from_secs(3), self.task).await;
-    }
-}
-
 /// Waits to become the leader; `None` when stopped first.
 async fn elect(
     client: &kube::Client,
     config: &StackConfig,
     identity: &str,
     args: &Args,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<Election>> {
     let duration = args.lease_duration_seconds.max(2);
     let lease = config.lease_name();
@@ -288,23 +245,12 @@ async fn elect(
         .build()
         .await
         .context("setting up leader election")?;
-    let (mut leader, task) = manager.watch().await;
     tracing::info!(%identity, %lease, "waiting to become the leader");
-    loop {
-        if *leader.borrow_and_update() {
-            break;
-        }
-        tokio::select! {
-            r = leader.changed() => r.context("leader election stopped")?,
-            _ = stop.changed() => {
-                drop(leader);
-                let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
-                return Ok(None);
-            }
-        }
+    let won = Election::win(manager, stop).await?;
+    if won.is_some() {
+        tracing::info!(%identity, %lease, "became the leader");
     }
-    tracing::info!(%identity, %lease, "became the leader");
-    Ok(Some(Election { leader, task }))
+    Ok(won)
 }
 
 /// Every second: the backlog metrics (entities with an unpublished change, age of the oldest

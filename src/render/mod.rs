@@ -73,7 +73,14 @@ pub struct Facts {
     pub ca_bundle_pem: Option<String>,
 }
 
-/// Group of children applied together; the order of the variants is the apply order.
+/// The part of a stack a child belongs to.
+///
+/// The order of the variants is a dependency order: what a child uses comes before it
+/// (ServiceAccounts and RBAC, the entity's CRD and the configuration before the workloads).
+/// Children are sorted by it for `kab render` and for the components in a stack's status; it is
+/// not the order the operator applies them in. The operator applies a stack's children at
+/// once, except that [`Step::Registration`] waits until the webhook serves (and on a certificate
+/// rotation, the TLS Secrets, which are not rendered children, follow the registration).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Step {
     /// ServiceAccounts, Roles, RoleBindings.
@@ -86,14 +93,14 @@ pub enum Step {
     Broker,
     /// The webhook workload.
     Webhook,
-    /// The ValidatingWebhookConfiguration (applied once the webhook serves).
+    /// The ValidatingWebhookConfiguration (applied only once the webhook serves).
     Registration,
     /// The entity controller workload.
     Controller,
 }
 
 impl Step {
-    /// Every step, in apply order.
+    /// Every step, in dependency order.
     pub const ALL: [Step; 7] = [
         Step::Rbac,
         Step::EntityApi,
@@ -122,7 +129,7 @@ impl Step {
 pub struct Child {
     /// File name of the template it comes from, e.g. `webhook-deployment.yaml.hbs`.
     pub template: &'static str,
-    /// When it is applied.
+    /// The part of the stack it belongs to.
     pub step: Step,
     /// The object, with labels, namespace and owner reference set.
     pub object: DynamicObject,
@@ -147,7 +154,7 @@ impl Child {
 /// Every desired child of a stack, sorted by (step, template).
 #[derive(Clone, Debug, Default)]
 pub struct Rendered {
-    /// The children, in apply order.
+    /// The children, by step (dependency order), then template file name.
     pub children: Vec<Child>,
 }
 
@@ -285,7 +292,7 @@ const TEMPLATES: &[(&str, Step, &str)] = &[
     template!("controller-deployment.yaml.hbs", Controller),
 ];
 
-/// The file name and step of every template, in apply order.
+/// The file name and step of every template, by step (dependency order), then file name.
 pub fn template_files() -> Vec<(&'static str, Step)> {
     let mut files: Vec<_> = TEMPLATES
         .iter()

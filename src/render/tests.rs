@@ -76,7 +76,7 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 
 #[test]
 fn golden_output_of_every_example() {
-    let bless = std::env::var_os("KAB_BLESS").is_some();
+    let bless = crate::bless();
     for name in EXAMPLES {
         let yaml = to_yaml(&render_stack(&example(name)));
         let path = root().join("tests/golden").join(format!("{name}.yaml"));
@@ -124,7 +124,7 @@ fn every_child_of_every_example_is_a_valid_object_of_its_kind() {
 }
 
 #[test]
-fn the_todo_stack_has_every_child_in_apply_order() {
+fn the_todo_stack_has_every_child_in_dependency_order() {
     let rendered = render_stack(&example("todo"));
     assert_eq!(
         inventory(&rendered),
@@ -1264,7 +1264,7 @@ fn templates_can_be_shared_between_reconciles() {
 }
 
 #[test]
-fn template_files_are_listed_in_apply_order() {
+fn template_files_are_listed_in_dependency_order() {
     let files = template_files();
     assert_eq!(files.len(), 25);
     assert!(files.windows(2).all(|w| w[0].1 <= w[1].1));

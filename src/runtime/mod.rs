@@ -156,10 +156,10 @@ pub(crate) struct Objects {
 
 impl State {
     pub(crate) fn lock_pods(&self) -> std::sync::MutexGuard<'_, HashMap<String, pod::PodHandle>> {
-        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.pods)
     }
     pub(crate) fn lock_objects(&self) -> std::sync::MutexGuard<'_, Objects> {
-        self.objects.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.objects)
     }
     pub(crate) fn hosts_file(&self) -> PathBuf {
         self.config.dir.join("hosts")
@@ -387,7 +387,7 @@ fn on_pod(state: &Arc<State>, p: Pod) {
                 return;
             }
             let ip = {
-                let mut n = state.next_ip.lock().unwrap_or_else(|e| e.into_inner());
+                let mut n = crate::lock(&state.next_ip);
                 *n += 1;
                 *n
             };

@@ -24,6 +24,50 @@ pub enum Program {
     Nats,
 }
 
+/// Why a container cannot be started yet: its pod status shows `CreateContainerConfigError`
+/// with this message (the kubelet's wording where it has one) until the cause is gone.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerConfigError {
+    /// A ConfigMap or Secret volume's object is missing.
+    #[error("{kind} \"{name}\" not found")]
+    MissingVolume {
+        /// `configmap` or `secret`.
+        kind: &'static str,
+        /// The object.
+        name: String,
+    },
+    /// An env var's ConfigMap or Secret key is missing.
+    #[error("{kind} \"{name}\" or its key \"{key}\" not found")]
+    MissingKey {
+        /// `configmap` or `secret`.
+        kind: &'static str,
+        /// The object.
+        name: String,
+        /// The key.
+        key: String,
+    },
+    /// The NATS configuration could not be read or its local copy written.
+    #[error("{doing} {path}: {source}")]
+    NatsConfig {
+        /// `reading the NATS configuration` or `writing`.
+        doing: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No kubeconfig could be issued for the pod's ServiceAccount.
+    #[error("issuing an identity for {user}: {source:#}")]
+    Identity {
+        /// `system:serviceaccount:<ns>:<name>`.
+        user: String,
+        /// Why.
+        #[source]
+        source: anyhow::Error,
+    },
+}
+
 /// A process the runtime runs, for tests and `kab dev`.
 #[derive(Clone, Debug)]
 pub struct ProcessInfo {
@@ -163,21 +207,12 @@ impl PodHandle {
 
     /// Labels of the pod now.
     pub fn labels(&self) -> BTreeMap<String, String> {
-        self.inner
-            .pod
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .labels()
-            .clone()
+        crate::lock(&self.inner.pod).labels().clone()
     }
 
     /// Whether every container is ready.
     pub fn ready(&self) -> bool {
-        let cs = self
-            .inner
-            .containers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let cs = crate::lock(&self.inner.containers);
         !cs.is_empty() && cs.iter().all(|c| c.ready)
     }
 
@@ -199,11 +234,7 @@ impl PodHandle {
 
     /// The processes of this pod.
     pub fn processes(&self) -> Vec<ProcessInfo> {
-        let cs = self
-            .inner
-            .containers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let cs = crate::lock(&self.inner.containers);
         cs.iter()
             .map(|c| ProcessInfo {
                 namespace: self.inner.namespace.clone(),
@@ -225,7 +256,7 @@ impl PodHandle {
             .deletion_grace_period_seconds
             .unwrap_or(30)
             .clamp(0, 10) as u64;
-        *self.inner.pod.lock().unwrap_or_else(|p| p.into_inner()) = pod.clone();
+        *crate::lock(&self.inner.pod) = pod.clone();
         if deleting && !*self.inner.stop.borrow() {
             let h = self.clone();
             tokio::spawn(async move {
@@ -241,11 +272,7 @@ impl PodHandle {
     pub fn shutdown_now(&self) {
         let _ = self.inner.stop.send(true);
         let pids: Vec<u32> = {
-            let cs = self
-                .inner
-                .containers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let cs = crate::lock(&self.inner.containers);
             cs.iter().filter_map(|c| c.pid).collect()
         };
         for pid in pids {
@@ -263,11 +290,7 @@ impl PodHandle {
         let mut rx = self.inner.stop.subscribe();
         while Instant::now() < deadline {
             let running = {
-                let cs = self
-                    .inner
-                    .containers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let cs = crate::lock(&self.inner.containers);
                 cs.iter().any(|c| c.pid.is_some())
             };
             if !running {
@@ -302,29 +325,32 @@ impl PodHandle {
         }
     }
 
-    fn volume_ready(&self, v: &LocalVolume) -> Result<(), String> {
-        match &v.source {
+    fn volume_ready(&self, v: &LocalVolume) -> Result<(), ContainerConfigError> {
+        let (kind, name) = match &v.source {
             Source::ConfigMap {
                 name,
                 optional: false,
                 ..
-            } if !v.dir.join("..data").exists() => Err(format!("configmap \"{name}\" not found")),
+            } => ("configmap", name),
             Source::Secret {
                 name,
                 optional: false,
                 ..
-            } if !v.dir.join("..data").exists() => Err(format!("secret \"{name}\" not found")),
-            _ => Ok(()),
+            } => ("secret", name),
+            _ => return Ok(()),
+        };
+        if v.dir.join("..data").exists() {
+            return Ok(());
         }
+        Err(ContainerConfigError::MissingVolume {
+            kind,
+            name: name.clone(),
+        })
     }
 
     fn set(&self, i: usize, f: impl FnOnce(&mut ContainerState)) {
         {
-            let mut cs = self
-                .inner
-                .containers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut cs = crate::lock(&self.inner.containers);
             if let Some(c) = cs.get_mut(i) {
                 f(c);
             }
@@ -366,20 +392,14 @@ impl PodHandle {
                 Ok(cmd) => cmd,
                 Err(reason) => {
                     self.set(i, |s| {
-                        s.waiting = Some(("CreateContainerConfigError".into(), reason))
+                        s.waiting = Some(("CreateContainerConfigError".into(), reason.to_string()))
                     });
                     // Wait for the missing object (volumes are refreshed on every change).
                     let _ = tokio::time::timeout(Duration::from_secs(2), stop_rx.changed()).await;
                     continue;
                 }
             };
-            let log = self
-                .inner
-                .containers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())[i]
-                .log
-                .clone();
+            let log = crate::lock(&self.inner.containers)[i].log.clone();
             let name = format!("{}/{}/{}", self.inner.namespace, self.inner.name, c.name);
             let mut process = match crate::plane::spawn_process(&name, cmd, &log) {
                 Ok(p) => p,
@@ -477,7 +497,7 @@ impl PodHandle {
             }
             if self.stopping() {
                 let grace = {
-                    let pod = self.inner.pod.lock().unwrap_or_else(|p| p.into_inner());
+                    let pod = crate::lock(&self.inner.pod);
                     pod.metadata
                         .deletion_grace_period_seconds
                         .unwrap_or(10)
@@ -538,7 +558,11 @@ impl PodHandle {
     }
 
     /// The local command for a container: program, remapped args, resolved env.
-    fn command(&self, program: Program, c: &Container) -> Result<std::process::Command, String> {
+    fn command(
+        &self,
+        program: Program,
+        c: &Container,
+    ) -> Result<std::process::Command, ContainerConfigError> {
         for v in &self.inner.volumes {
             self.volume_ready(v)?;
         }
@@ -579,11 +603,21 @@ impl PodHandle {
                 if let Some(i) = args.iter().position(|a| a == "--config" || a == "-c")
                     && let Some(path) = args.get(i + 1).cloned()
                 {
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| format!("reading the NATS configuration {path}: {e}"))?;
+                    let text = std::fs::read_to_string(&path).map_err(|source| {
+                        ContainerConfigError::NatsConfig {
+                            doing: "reading the NATS configuration",
+                            path: PathBuf::from(&path),
+                            source,
+                        }
+                    })?;
                     let local = home.join("nats.conf");
-                    std::fs::write(&local, volumes::remap_text(&text, &mounts))
-                        .map_err(|e| format!("writing {}: {e}", local.display()))?;
+                    std::fs::write(&local, volumes::remap_text(&text, &mounts)).map_err(
+                        |source| ContainerConfigError::NatsConfig {
+                            doing: "writing",
+                            path: local.clone(),
+                            source,
+                        },
+                    )?;
                     args[i + 1] = local.display().to_string();
                 }
                 cmd.args(&args);
@@ -608,7 +642,7 @@ impl PodHandle {
         }
         if program == Program::Kab {
             let sa = {
-                let pod = self.inner.pod.lock().unwrap_or_else(|p| p.into_inner());
+                let pod = crate::lock(&self.inner.pod);
                 pod.spec
                     .as_ref()
                     .and_then(|s| s.service_account_name.clone())
@@ -620,7 +654,10 @@ impl PodHandle {
                 &user,
                 &["system:serviceaccounts", &group, "system:authenticated"],
             )
-            .map_err(|e| format!("issuing an identity for {user}: {e:#}"))?;
+            .map_err(|source| ContainerConfigError::Identity {
+                user: user.clone(),
+                source,
+            })?;
             cmd.env("KUBECONFIG", kubeconfig);
             cmd.env("KAB_HOSTS_FILE", self.inner.state.hosts_file());
             let find = |want: &dyn Fn(&k8s_openapi::api::core::v1::ContainerPort) -> bool| {
@@ -648,13 +685,8 @@ impl PodHandle {
         Ok(cmd)
     }
 
-    fn resolve_env(&self, vars: &[EnvVar]) -> Result<Vec<(String, String)>, String> {
-        let pod = self
-            .inner
-            .pod
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+    fn resolve_env(&self, vars: &[EnvVar]) -> Result<Vec<(String, String)>, ContainerConfigError> {
+        let pod = crate::lock(&self.inner.pod).clone();
         let objects = self.inner.state.lock_objects();
         let mut out: Vec<(String, String)> = Vec::new();
         for v in vars {
@@ -662,38 +694,23 @@ impl PodHandle {
                 if let Some(f) = &from.field_ref {
                     field(&pod, &f.field_path, &self.inner.ip)
                 } else if let Some(s) = &from.secret_key_ref {
-                    let key = format!("{}/{}", self.inner.namespace, s.name);
-                    match objects
+                    let found = objects
                         .secrets
-                        .get(&key)
-                        .and_then(|o| o.data.as_ref())
-                        .and_then(|d| d.get(&s.key))
-                    {
-                        Some(b) => String::from_utf8_lossy(&b.0).into_owned(),
-                        None if s.optional == Some(true) => continue,
-                        None => {
-                            return Err(format!(
-                                "secret \"{}\" or its key \"{}\" not found",
-                                s.name, s.key
-                            ));
-                        }
+                        .get(&format!("{}/{}", self.inner.namespace, s.name))
+                        .and_then(|o| o.data.as_ref()?.get(&s.key))
+                        .map(|b| String::from_utf8_lossy(&b.0).into_owned());
+                    match key_ref(found, "secret", &s.name, &s.key, s.optional)? {
+                        Some(value) => value,
+                        None => continue,
                     }
                 } else if let Some(c) = &from.config_map_key_ref {
-                    let key = format!("{}/{}", self.inner.namespace, c.name);
-                    match objects
+                    let found = objects
                         .config_maps
-                        .get(&key)
-                        .and_then(|o| o.data.as_ref())
-                        .and_then(|d| d.get(&c.key))
-                    {
-                        Some(s) => s.clone(),
-                        None if c.optional == Some(true) => continue,
-                        None => {
-                            return Err(format!(
-                                "configmap \"{}\" or its key \"{}\" not found",
-                                c.name, c.key
-                            ));
-                        }
+                        .get(&format!("{}/{}", self.inner.namespace, c.name))
+                        .and_then(|o| o.data.as_ref()?.get(&c.key).cloned());
+                    match key_ref(found, "configmap", &c.name, &c.key, c.optional)? {
+                        Some(value) => value,
+                        None => continue,
                     }
                 } else {
                     String::new()
@@ -710,11 +727,7 @@ impl PodHandle {
     async fn push_status(&self) {
         let _guard = self.inner.status_lock.lock().await;
         if self.stopping()
-            && self
-                .inner
-                .pod
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            && crate::lock(&self.inner.pod)
                 .metadata
                 .deletion_timestamp
                 .is_some()
@@ -724,11 +737,7 @@ impl PodHandle {
         let status = self.status_json();
         let text = status.to_string();
         {
-            let mut last = self
-                .inner
-                .last_status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut last = crate::lock(&self.inner.last_status);
             if *last == text {
                 return;
             }
@@ -744,21 +753,12 @@ impl PodHandle {
             .await
         {
             tracing::debug!(pod = %self.inner.name, error = %e, "reporting pod status");
-            self.inner
-                .last_status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+            crate::lock(&self.inner.last_status).clear();
         }
     }
 
     fn status_json(&self) -> serde_json::Value {
-        let cs = self
-            .inner
-            .containers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let cs = crate::lock(&self.inner.containers).clone();
         let all_ready = !cs.is_empty() && cs.iter().all(|c| c.ready);
         let any_started = cs.iter().any(|c| c.pid.is_some() || c.restarts > 0);
         let statuses: Vec<serde_json::Value> = cs
@@ -839,6 +839,26 @@ pub async fn force_delete(client: &Client, pod: &Pod) {
     }
 }
 
+/// The value of a `secretKeyRef` or `configMapKeyRef` (`found`); `None` when it is missing
+/// and optional (the variable is left out), an error when it is missing and required.
+fn key_ref(
+    found: Option<String>,
+    kind: &'static str,
+    name: &str,
+    key: &str,
+    optional: Option<bool>,
+) -> Result<Option<String>, ContainerConfigError> {
+    match found {
+        Some(value) => Ok(Some(value)),
+        None if optional == Some(true) => Ok(None),
+        None => Err(ContainerConfigError::MissingKey {
+            kind,
+            name: name.to_owned(),
+            key: key.to_owned(),
+        }),
+    }
+}
+
 /// A pod field for `fieldRef`.
 fn field(pod: &Pod, path: &str, ip: &str) -> String {
     let m = &pod.metadata;
@@ -897,6 +917,46 @@ mod tests {
         let env = vec![("POD_NAME".to_string(), "todo-0".to_string())];
         assert_eq!(expand("--name=$(POD_NAME)", &env), "--name=todo-0");
         assert_eq!(expand("$(MISSING) stays", &env), "$(MISSING) stays");
+    }
+
+    #[test]
+    fn container_config_errors_read_like_the_kubelet_and_keep_their_cause() {
+        let volume = ContainerConfigError::MissingVolume {
+            kind: "secret",
+            name: "todo-webhook-tls".into(),
+        };
+        assert_eq!(volume.to_string(), r#"secret "todo-webhook-tls" not found"#);
+        let key = ContainerConfigError::MissingKey {
+            kind: "configmap",
+            name: "todo-config".into(),
+            key: "stack.json".into(),
+        };
+        assert_eq!(
+            key.to_string(),
+            r#"configmap "todo-config" or its key "stack.json" not found"#
+        );
+        let identity = ContainerConfigError::Identity {
+            user: "system:serviceaccount:shop:todo".into(),
+            source: anyhow::anyhow!("no CA key").context("signing the client certificate"),
+        };
+        assert_eq!(
+            identity.to_string(),
+            "issuing an identity for system:serviceaccount:shop:todo: signing the client certificate: no CA key"
+        );
+        assert!(std::error::Error::source(&identity).is_some());
+    }
+
+    #[test]
+    fn env_key_refs_resolve_or_are_left_out_or_fail() {
+        let found = key_ref(Some("v".into()), "secret", "s", "k", None).unwrap();
+        assert_eq!(found.as_deref(), Some("v"));
+        let optional = key_ref(None, "secret", "s", "k", Some(true)).unwrap();
+        assert_eq!(optional, None);
+        let missing = key_ref(None, "configmap", "c", "k", Some(false)).unwrap_err();
+        assert_eq!(
+            missing.to_string(),
+            r#"configmap "c" or its key "k" not found"#
+        );
     }
 
     #[test]

@@ -18,18 +18,50 @@ pub struct HttpProbe {
     pub timeout: Duration,
 }
 
-/// Runs the probe once: `Ok(())` on success, `Err(reason)` otherwise.
-pub async fn run(p: &HttpProbe) -> Result<(), String> {
+/// Why a probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// No answer within the probe's timeout.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// Nothing listens on the port.
+    #[error("connect 127.0.0.1:{port}: {source}")]
+    Connect {
+        /// The local port.
+        port: u16,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed.
+    #[error("TLS: {0}")]
+    Tls(#[source] std::io::Error),
+    /// Sending the request failed.
+    #[error("sending the request: {0}")]
+    Send(#[source] std::io::Error),
+    /// The answer does not start with an HTTP status line.
+    #[error("no HTTP status in the response: {0:?}")]
+    NoStatus(String),
+    /// The status is not 2xx or 3xx.
+    #[error("HTTP probe failed with statuscode: {0}")]
+    Status(u16),
+}
+
+/// Runs the probe once: `Ok(())` on success, why it failed otherwise.
+pub async fn run(p: &HttpProbe) -> Result<(), ProbeError> {
     match tokio::time::timeout(p.timeout, attempt(p)).await {
         Ok(r) => r,
-        Err(_) => Err(format!("timed out after {:?}", p.timeout)),
+        Err(_) => Err(ProbeError::Timeout(p.timeout)),
     }
 }
 
-async fn attempt(p: &HttpProbe) -> Result<(), String> {
+async fn attempt(p: &HttpProbe) -> Result<(), ProbeError> {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
         .await
-        .map_err(|e| format!("connect 127.0.0.1:{}: {e}", p.port))?;
+        .map_err(|source| ProbeError::Connect {
+            port: p.port,
+            source,
+        })?;
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUser-Agent: kab-local-runtime\r\nConnection: close\r\n\r\n",
         p.path, p.port
@@ -37,21 +69,21 @@ async fn attempt(p: &HttpProbe) -> Result<(), String> {
     let mut response = Vec::new();
     if p.https {
         let connector = tokio_rustls::TlsConnector::from(tls_config());
-        let name =
-            rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        // The address connected to, as the kubelet does (no SNI; certificates are not verified).
+        let name = rustls::pki_types::ServerName::from(std::net::Ipv4Addr::LOCALHOST);
         let mut tls = connector
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS: {e}"))?;
+            .map_err(ProbeError::Tls)?;
         tls.write_all(request.as_bytes())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ProbeError::Send)?;
         let _ = tls.read_to_end(&mut response).await;
     } else {
         let mut tcp = tcp;
         tcp.write_all(request.as_bytes())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ProbeError::Send)?;
         let _ = tcp.read_to_end(&mut response).await;
     }
     let head = String::from_utf8_lossy(&response[..response.len().min(64)]).to_string();
@@ -59,11 +91,11 @@ async fn attempt(p: &HttpProbe) -> Result<(), String> {
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no HTTP status in the response: {head:?}"))?;
+        .ok_or(ProbeError::NoStatus(head))?;
     if (200..400).contains(&code) {
         Ok(())
     } else {
-        Err(format!("HTTP probe failed with statuscode: {code}"))
+        Err(ProbeError::Status(code))
     }
 }
 
@@ -159,8 +191,10 @@ mod tests {
             https: false,
             timeout: Duration::from_secs(2),
         };
-        assert_eq!(run(&p).await, Ok(()));
-        assert!(run(&p).await.unwrap_err().contains("503"));
+        assert!(run(&p).await.is_ok());
+        let failed = run(&p).await.unwrap_err();
+        assert!(matches!(failed, ProbeError::Status(503)), "{failed}");
+        assert_eq!(failed.to_string(), "HTTP probe failed with statuscode: 503");
     }
 
     #[tokio::test]
@@ -176,6 +210,7 @@ mod tests {
             https: false,
             timeout: Duration::from_secs(1),
         };
-        assert!(run(&p).await.is_err());
+        let failed = run(&p).await.unwrap_err();
+        assert!(matches!(failed, ProbeError::Connect { .. }), "{failed}");
     }
 }

@@ -91,10 +91,7 @@ impl Proxy {
             tracing::warn!(service = %key, %ip, error = %e, "cannot add the ClusterIP to the loopback interface");
             return;
         }
-        self.addresses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(ip);
+        crate::lock(&self.addresses).push(ip);
         let mut tasks = Vec::new();
         for port in spec.ports.iter().flatten() {
             if port.protocol.as_deref().unwrap_or("TCP") != "TCP" {
@@ -197,12 +194,7 @@ impl Proxy {
                 t.abort();
             }
         }
-        for ip in self
-            .addresses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
+        for ip in crate::lock(&self.addresses).drain(..) {
             let _ = std::process::Command::new("ip")
                 .args(["addr", "del", &format!("{ip}/32"), "dev", "lo"])
                 .stderr(std::process::Stdio::null())

@@ -115,30 +115,63 @@ pub struct LeaseClaims {
     owner: Option<OwnerReference>,
 }
 
+/// Why a claim could not be read or written. A request whose claim fails is denied with this
+/// message (fail closed).
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// The API server refused or failed a call.
+    #[error("{doing}: {source}")]
+    Api {
+        /// What was being done (`reading claim Lease <name>`).
+        doing: String,
+        /// What the client or the API server said.
+        #[source]
+        source: kube::Error,
+    },
+    /// The API server did not answer a call within [`CALL_TIMEOUT`].
+    #[error("{doing}: the API server did not answer within {}s", CALL_TIMEOUT.as_secs())]
+    Timeout {
+        /// What was being done.
+        doing: String,
+    },
+    /// The claim Lease changed between our read and our write, [`ATTEMPTS`] times in a row.
+    #[error("claim Lease {name} changed under us {ATTEMPTS} times")]
+    Contended {
+        /// The Lease.
+        name: String,
+    },
+}
+
+impl ClaimError {
+    /// The HTTP status of the API server's refusal, if it refused.
+    fn status(&self) -> Option<u16> {
+        match self {
+            ClaimError::Api {
+                source: kube::Error::Api(status),
+                ..
+            } => Some(status.code),
+            _ => None,
+        }
+    }
+}
+
 enum Read<T> {
     Found(T),
     Missing,
 }
 
-fn api_code(e: &kube::Error) -> Option<u16> {
-    match e {
-        kube::Error::Api(s) => Some(s.code),
-        _ => None,
-    }
-}
-
+/// One API call within [`CALL_TIMEOUT`]; `doing` names it in the error.
 async fn call<T>(
-    what: impl FnOnce() -> String,
+    doing: impl FnOnce() -> String,
     fut: impl Future<Output = Result<T, kube::Error>>,
-) -> Result<T, String> {
+) -> Result<T, ClaimError> {
     match tokio::time::timeout(CALL_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{}: {e}", what())),
-        Err(_) => Err(format!(
-            "{}: the API server did not answer within {}s",
-            what(),
-            CALL_TIMEOUT.as_secs()
-        )),
+        Ok(Err(source)) => Err(ClaimError::Api {
+            doing: doing(),
+            source,
+        }),
+        Err(_) => Err(ClaimError::Timeout { doing: doing() }),
     }
 }
 
@@ -223,40 +256,42 @@ impl LeaseClaims {
         }
     }
 
-    async fn get_lease(&self, name: &str) -> Result<Read<Lease>, String> {
-        match tokio::time::timeout(CALL_TIMEOUT, self.leases.get(name)).await {
-            Ok(Ok(l)) => Ok(Read::Found(l)),
-            Ok(Err(e)) if api_code(&e) == Some(404) => Ok(Read::Missing),
-            Ok(Err(e)) => Err(format!("reading claim Lease {name}: {e}")),
-            Err(_) => Err(format!(
-                "reading claim Lease {name}: the API server did not answer within {}s",
-                CALL_TIMEOUT.as_secs()
-            )),
+    async fn get_lease(&self, name: &str) -> Result<Read<Lease>, ClaimError> {
+        match call(
+            || format!("reading claim Lease {name}"),
+            self.leases.get(name),
+        )
+        .await
+        {
+            Ok(l) => Ok(Read::Found(l)),
+            Err(e) if e.status() == Some(404) => Ok(Read::Missing),
+            Err(e) => Err(e),
         }
     }
 
     /// Reads the holder directly from the API server: the cache may lag behind a create that
     /// has just been stored.
-    async fn holder_state(&self, holder: &str, claim: &Claim) -> Result<HolderState, String> {
-        match tokio::time::timeout(CALL_TIMEOUT, self.entities.get(holder)).await {
-            Ok(Ok(o)) => Ok(
+    async fn holder_state(&self, holder: &str, claim: &Claim) -> Result<HolderState, ClaimError> {
+        let read = call(
+            || format!("reading the claim's holder {holder}"),
+            self.entities.get(holder),
+        )
+        .await;
+        match read {
+            Ok(o) => Ok(
                 if values_of(&o, &claim.fields).as_deref() == Some(&claim.values[..]) {
                     HolderState::Holds
                 } else {
                     HolderState::Moved
                 },
             ),
-            Ok(Err(e)) if api_code(&e) == Some(404) => Ok(HolderState::Absent),
-            Ok(Err(e)) => Err(format!("reading the claim's holder {holder}: {e}")),
-            Err(_) => Err(format!(
-                "reading the claim's holder {holder}: the API server did not answer within {}s",
-                CALL_TIMEOUT.as_secs()
-            )),
+            Err(e) if e.status() == Some(404) => Ok(HolderState::Absent),
+            Err(e) => Err(e),
         }
     }
 
     /// What `lease` means for `claim`: granted (ours, or stale), or not.
-    async fn assess(&self, lease: &Lease, claim: &Claim) -> Result<Assessed, String> {
+    async fn assess(&self, lease: &Lease, claim: &Claim) -> Result<Assessed, ClaimError> {
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.unwrap_or_default();
         if holder == claim.holder {
@@ -287,7 +322,7 @@ impl LeaseClaims {
         mut lease: Lease,
         claim: &Claim,
         takeover: bool,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, ClaimError> {
         let name = self.name(claim);
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         spec.holder_identity = Some(claim.holder.clone());
@@ -295,19 +330,37 @@ impl LeaseClaims {
         if takeover {
             spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
         }
-        match tokio::time::timeout(
-            CALL_TIMEOUT,
+        let update = call(
+            || format!("updating claim Lease {name}"),
             self.leases.replace(&name, &PostParams::default(), &lease),
         )
-        .await
-        {
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(e)) if matches!(api_code(&e), Some(409 | 404)) => Ok(false),
-            Ok(Err(e)) => Err(format!("updating claim Lease {name}: {e}")),
-            Err(_) => Err(format!(
-                "updating claim Lease {name}: the API server did not answer within {}s",
-                CALL_TIMEOUT.as_secs()
-            )),
+        .await;
+        match update {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.status(), Some(409 | 404)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes `lease` if it is still the version that was read (uid and resourceVersion
+    /// preconditions); `false` when it is gone already or has changed since.
+    async fn delete_as_read(
+        &self,
+        lease: &Lease,
+        doing: impl FnOnce() -> String,
+    ) -> Result<bool, ClaimError> {
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: lease.metadata.resource_version.clone(),
+                uid: lease.metadata.uid.clone(),
+            }),
+            ..DeleteParams::default()
+        };
+        let name = lease.metadata.name.as_deref().unwrap_or_default();
+        match call(doing, self.leases.delete(name, &dp)).await {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.status(), Some(404 | 409)) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 }
@@ -319,7 +372,9 @@ enum Assessed {
 }
 
 impl Claims for LeaseClaims {
-    async fn check(&self, claim: &Claim) -> Result<ClaimOutcome, String> {
+    type Error = ClaimError;
+
+    async fn check(&self, claim: &Claim) -> Result<ClaimOutcome, ClaimError> {
         let name = self.name(claim);
         match self.get_lease(&name).await? {
             Read::Missing => Ok(ClaimOutcome::Granted),
@@ -330,31 +385,24 @@ impl Claims for LeaseClaims {
         }
     }
 
-    async fn acquire(&self, claim: &Claim) -> Result<ClaimOutcome, String> {
+    async fn acquire(&self, claim: &Claim) -> Result<ClaimOutcome, ClaimError> {
         let name = self.name(claim);
         for _ in 0..ATTEMPTS {
             let fresh = self.lease(claim, Timestamp::now());
-            match tokio::time::timeout(
-                CALL_TIMEOUT,
+            let create = call(
+                || format!("creating claim Lease {name}"),
                 self.leases.create(&PostParams::default(), &fresh),
             )
-            .await
-            {
-                Ok(Ok(_)) => {
+            .await;
+            match create {
+                Ok(_) => {
                     self.metrics.claim("acquired");
                     return Ok(ClaimOutcome::Granted);
                 }
-                Ok(Err(e)) if api_code(&e) == Some(409) => {}
-                Ok(Err(e)) => {
+                Err(e) if e.status() == Some(409) => {}
+                Err(e) => {
                     self.metrics.claim("error");
-                    return Err(format!("creating claim Lease {name}: {e}"));
-                }
-                Err(_) => {
-                    self.metrics.claim("error");
-                    return Err(format!(
-                        "creating claim Lease {name}: the API server did not answer within {}s",
-                        CALL_TIMEOUT.as_secs()
-                    ));
+                    return Err(e);
                 }
             }
             // Somebody holds it: whom, and is it real?
@@ -386,9 +434,7 @@ impl Claims for LeaseClaims {
             }
         }
         self.metrics.claim("error");
-        Err(format!(
-            "claim Lease {name} changed under us {ATTEMPTS} times"
-        ))
+        Err(ClaimError::Contended { name })
     }
 
     async fn release(&self, claim: &Claim) {
@@ -408,19 +454,15 @@ impl Claims for LeaseClaims {
         if holder != Some(claim.holder.as_str()) {
             return;
         }
-        let dp = DeleteParams {
-            preconditions: Some(Preconditions {
-                resource_version: lease.metadata.resource_version.clone(),
-                uid: lease.metadata.uid.clone(),
-            }),
-            ..DeleteParams::default()
-        };
-        match tokio::time::timeout(CALL_TIMEOUT, self.leases.delete(&name, &dp)).await {
-            Ok(Ok(_)) => self.metrics.claim("released"),
-            // Gone already, or changed hands since we read it.
-            Ok(Err(e)) if matches!(api_code(&e), Some(404 | 409)) => {}
-            Ok(Err(e)) => tracing::warn!("releasing unique-value claim Lease {name}: {e}"),
-            Err(_) => tracing::warn!("releasing unique-value claim Lease {name}: timed out"),
+        match self
+            .delete_as_read(&lease, || {
+                format!("releasing unique-value claim Lease {name}")
+            })
+            .await
+        {
+            Ok(true) => self.metrics.claim("released"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("{e}"),
         }
     }
 }
@@ -432,7 +474,7 @@ impl Claims for LeaseClaims {
 pub async fn collect_garbage(
     claims: &LeaseClaims,
     rules: &[BusinessRule],
-) -> Result<usize, String> {
+) -> Result<usize, ClaimError> {
     let lp = ListParams::default()
         .labels(&LeaseClaims::selector(&claims.stack, &claims.namespace))
         .limit(500);
@@ -464,7 +506,7 @@ async fn collect_one(
     claims: &LeaseClaims,
     rules: &[BusinessRule],
     lease: &Lease,
-) -> Result<bool, String> {
+) -> Result<bool, ClaimError> {
     let Some(name) = lease.metadata.name.as_deref() else {
         return Ok(false);
     };
@@ -489,13 +531,17 @@ async fn collect_one(
         .and_then(|r| r.unique.as_ref());
     let still_held = match (rule, holder.is_empty()) {
         (Some(unique), false) => {
-            match tokio::time::timeout(CALL_TIMEOUT, claims.entities.get(&holder)).await {
-                Ok(Ok(o)) => values_of(&o, &unique.fields).is_some_and(|values| {
+            let read = call(
+                || format!("reading the claim's holder {holder}"),
+                claims.entities.get(&holder),
+            )
+            .await;
+            match read {
+                Ok(o) => values_of(&o, &unique.fields).is_some_and(|values| {
                     claim_name(&claims.stack, lease_rule(lease), &values) == name
                 }),
-                Ok(Err(e)) if api_code(&e) == Some(404) => false,
-                Ok(Err(e)) => return Err(format!("reading {holder}: {e}")),
-                Err(_) => return Err(format!("reading {holder}: timed out")),
+                Err(e) if e.status() == Some(404) => false,
+                Err(e) => return Err(e),
             }
         }
         // The rule is gone from the stack, or the claim has no holder.
@@ -504,23 +550,14 @@ async fn collect_one(
     if still_held {
         return Ok(false);
     }
-    let dp = DeleteParams {
-        preconditions: Some(Preconditions {
-            resource_version: lease.metadata.resource_version.clone(),
-            uid: lease.metadata.uid.clone(),
-        }),
-        ..DeleteParams::default()
-    };
-    match tokio::time::timeout(CALL_TIMEOUT, claims.leases.delete(name, &dp)).await {
-        Ok(Ok(_)) => {
-            tracing::info!(lease = %name, %holder, "removed a unique-value claim nobody holds");
-            claims.metrics.claim("collected");
-            Ok(true)
-        }
-        Ok(Err(e)) if matches!(api_code(&e), Some(404 | 409)) => Ok(false),
-        Ok(Err(e)) => Err(format!("deleting claim Lease {name}: {e}")),
-        Err(_) => Err(format!("deleting claim Lease {name}: timed out")),
+    let deleted = claims
+        .delete_as_read(lease, || format!("deleting claim Lease {name}"))
+        .await?;
+    if deleted {
+        tracing::info!(lease = %name, %holder, "removed a unique-value claim nobody holds");
+        claims.metrics.claim("collected");
     }
+    Ok(deleted)
 }
 
 fn lease_rule(lease: &Lease) -> &str {
@@ -615,6 +652,34 @@ mod tests {
         for (what, holder, acquired, expected) in cases {
             assert_eq!(judge(holder, acquired, now, grace), expected, "{what}");
         }
+    }
+
+    #[test]
+    fn claim_errors_name_the_call_and_keep_the_cause() {
+        let refused = ClaimError::Api {
+            doing: "creating claim Lease todo-u-1".into(),
+            source: kube::Error::Api(
+                kube::core::Status::failure("leases is forbidden", "Forbidden")
+                    .with_code(403)
+                    .boxed(),
+            ),
+        };
+        assert_eq!(refused.status(), Some(403));
+        let text = refused.to_string();
+        assert!(
+            text.starts_with("creating claim Lease todo-u-1: ") && text.contains("forbidden"),
+            "{text}"
+        );
+        let cause = std::error::Error::source(&refused).map(|c| c.to_string());
+        assert!(cause.is_some_and(|c| c.contains("leases is forbidden")));
+        let slow = ClaimError::Timeout {
+            doing: "reading claim Lease todo-u-1".into(),
+        };
+        assert_eq!(
+            slow.to_string(),
+            "reading claim Lease todo-u-1: the API server did not answer within 4s"
+        );
+        assert_eq!(slow.status(), None);
     }
 
     #[test]

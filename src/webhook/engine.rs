@@ -1,7 +1,7 @@
 //! The rules engine: what the webhook decides for one admission request.
 //!
-//! [`evaluate`] is a function of its inputs only: the stack's rules, the [`Facts`] of the
-//! request, and three views it reads through traits — the watch cache of entities
+//! [`evaluate`] is a function of its inputs only: the stack's rules, the request
+//! ([`Admission`]), and three views it reads through traits — the watch cache of entities
 //! ([`Entities`]), the unique-value claims ([`Claims`]) and the business application
 //! ([`External`]). The webhook plugs in the watch cache, Leases and an HTTP client; the tests
 //! plug in tables.
@@ -48,7 +48,7 @@ impl Operation {
 
 /// What the engine knows about one admission request.
 #[derive(Clone, Copy, Debug)]
-pub struct Facts<'a> {
+pub struct Admission<'a> {
     /// What is being done.
     pub operation: Operation,
     /// Namespace of the entity.
@@ -158,10 +158,18 @@ pub enum ClaimOutcome {
 
 /// Unique-value claims, made atomically through the API server.
 pub trait Claims {
+    /// Why a claim could not be decided (the request is then denied with it: fail closed).
+    type Error: std::error::Error + Send + Sync + 'static;
     /// What [`Claims::acquire`] would answer, without writing anything (dry run).
-    fn check(&self, claim: &Claim) -> impl Future<Output = Result<ClaimOutcome, String>> + Send;
+    fn check(
+        &self,
+        claim: &Claim,
+    ) -> impl Future<Output = Result<ClaimOutcome, Self::Error>> + Send;
     /// Claims the value for `claim.holder`.
-    fn acquire(&self, claim: &Claim) -> impl Future<Output = Result<ClaimOutcome, String>> + Send;
+    fn acquire(
+        &self,
+        claim: &Claim,
+    ) -> impl Future<Output = Result<ClaimOutcome, Self::Error>> + Send;
     /// Gives the value up if `claim.holder` holds it (best effort; never fails the request).
     fn release(&self, claim: &Claim) -> impl Future<Output = ()> + Send;
 }
@@ -235,7 +243,7 @@ fn shown(v: &Value) -> String {
 /// Decides one admission request. See the module documentation for the order of things.
 pub async fn evaluate<E, C, X>(
     set: &RuleSet,
-    facts: &Facts<'_>,
+    admission: &Admission<'_>,
     entities: &E,
     claims: &C,
     external: &X,
@@ -246,14 +254,14 @@ where
     X: External,
 {
     let mut warnings = Vec::new();
-    match facts.operation {
+    match admission.operation {
         Operation::Connect => return Decision::allow(warnings),
         Operation::Delete => {
             // No rule denies a delete. The values the entity held are given up.
-            if !facts.dry_run
-                && let Some(old) = facts.old_object
+            if !admission.dry_run
+                && let Some(old) = admission.old_object
             {
-                for claim in unique_claims(set, facts, old) {
+                for claim in unique_claims(set, admission, old) {
                     claims.release(&claim).await;
                 }
             }
@@ -261,17 +269,17 @@ where
         }
         Operation::Create | Operation::Update => {}
     }
-    let Some(object) = facts.object else {
+    let Some(object) = admission.object else {
         // The request decoder refuses this; never admit what we cannot check.
         return Decision {
             allowed: false,
             rule: None,
-            message: format!("{} request without an object", facts.operation.as_str()),
+            message: format!("{} request without an object", admission.operation.as_str()),
             warnings,
         };
     };
-    let update = facts.operation == Operation::Update;
-    let old = facts.old_object.filter(|_| update);
+    let update = admission.operation == Operation::Update;
+    let old = admission.old_object.filter(|_| update);
 
     let mut wanted: Vec<Claim> = Vec::new();
     let mut moved_from: Vec<Claim> = Vec::new();
@@ -285,7 +293,7 @@ where
                 continue; // unchanged: the entity already holds them
             }
             if let Some(holder) =
-                entities.find_holder(facts.namespace, &unique.fields, &values, facts.name)
+                entities.find_holder(admission.namespace, &unique.fields, &values, admission.name)
             {
                 return Decision::deny(
                     &rule.name,
@@ -294,7 +302,7 @@ where
                         describe_values(&unique.fields, &values),
                         if values.len() == 1 { "is" } else { "are" },
                         set.singular,
-                        facts.namespace,
+                        admission.namespace,
                     ),
                     warnings,
                 );
@@ -303,8 +311,8 @@ where
                 rule: rule.name.clone(),
                 fields: unique.fields.clone(),
                 values,
-                namespace: facts.namespace.to_owned(),
-                holder: facts.name.to_owned(),
+                namespace: admission.namespace.to_owned(),
+                holder: admission.name.to_owned(),
             };
             if let Some(previous) = old_values {
                 moved_from.push(claim(previous));
@@ -337,25 +345,25 @@ where
                 }
             }
         } else if let Some(max) = rule.max_count {
-            if facts.operation != Operation::Create {
+            if admission.operation != Operation::Create {
                 continue;
             }
-            let count = entities.count(facts.namespace);
+            let count = entities.count(admission.namespace);
             if i64::try_from(count).unwrap_or(i64::MAX) >= max {
                 return Decision::deny(
                     &rule.name,
                     format!(
                         "at most {max} {} per namespace, and {} already has {count}",
-                        set.plural, facts.namespace
+                        set.plural, admission.namespace
                     ),
                     warnings,
                 );
             }
         } else if let Some(ext) = &rule.external {
-            if !asks_external(facts, object) {
+            if !asks_external(admission, object) {
                 continue;
             }
-            let payload = external_payload(&rule.name, facts);
+            let payload = external_payload(&rule.name, admission);
             match external.ask(ext, &payload).await {
                 ExternalAnswer::Allowed { warnings: w } => warnings.extend(w),
                 ExternalAnswer::Denied {
@@ -385,7 +393,7 @@ where
 
     let mut granted: Vec<&Claim> = Vec::new();
     for claim in &wanted {
-        let outcome = if facts.dry_run {
+        let outcome = if admission.dry_run {
             claims.check(claim).await
         } else {
             claims.acquire(claim).await
@@ -415,14 +423,14 @@ where
                 describe_values(&claim.fields, &claim.values)
             ),
         };
-        if !facts.dry_run {
+        if !admission.dry_run {
             for taken in granted {
                 claims.release(taken).await;
             }
         }
         return Decision::deny(&claim.rule, denial, warnings);
     }
-    if !facts.dry_run {
+    if !admission.dry_run {
         for claim in &moved_from {
             claims.release(claim).await;
         }
@@ -431,7 +439,11 @@ where
 }
 
 /// The claims `object` holds, one per unique rule whose fields it has.
-pub fn unique_claims(set: &RuleSet, facts: &Facts<'_>, object: &DynamicObject) -> Vec<Claim> {
+pub fn unique_claims(
+    set: &RuleSet,
+    admission: &Admission<'_>,
+    object: &DynamicObject,
+) -> Vec<Claim> {
     set.rules
         .iter()
         .filter_map(|rule| {
@@ -441,8 +453,8 @@ pub fn unique_claims(set: &RuleSet, facts: &Facts<'_>, object: &DynamicObject) -
                 rule: rule.name.clone(),
                 fields: unique.fields.clone(),
                 values,
-                namespace: facts.namespace.to_owned(),
-                holder: facts.name.to_owned(),
+                namespace: admission.namespace.to_owned(),
+                holder: admission.name.to_owned(),
             })
         })
         .collect()
@@ -451,27 +463,27 @@ pub fn unique_claims(set: &RuleSet, facts: &Facts<'_>, object: &DynamicObject) -
 /// External rules judge content: they are asked on CREATE and on an UPDATE that changes the
 /// spec of an entity that is not being deleted. Metadata-only writes (finalizers, labels) skip
 /// them, so kab's own controller is never blocked by an outage of the business application.
-fn asks_external(facts: &Facts<'_>, object: &DynamicObject) -> bool {
-    match facts.operation {
+fn asks_external(admission: &Admission<'_>, object: &DynamicObject) -> bool {
+    match admission.operation {
         Operation::Create => true,
         Operation::Update => {
             object.metadata.deletion_timestamp.is_none()
-                && facts.old_object.map(|o| o.data.get("spec")) != Some(object.data.get("spec"))
+                && admission.old_object.map(|o| o.data.get("spec")) != Some(object.data.get("spec"))
         }
         Operation::Delete | Operation::Connect => false,
     }
 }
 
 /// What an external rule POSTs to the business application.
-pub fn external_payload(rule: &str, facts: &Facts<'_>) -> Value {
+pub fn external_payload(rule: &str, admission: &Admission<'_>) -> Value {
     serde_json::json!({
         "rule": rule,
-        "operation": facts.operation.as_str(),
-        "namespace": facts.namespace,
-        "name": facts.name,
-        "dryRun": facts.dry_run,
-        "object": facts.object,
-        "oldObject": facts.old_object,
+        "operation": admission.operation.as_str(),
+        "namespace": admission.namespace,
+        "name": admission.name,
+        "dryRun": admission.dry_run,
+        "object": admission.object,
+        "oldObject": admission.old_object,
     })
 }
 
@@ -609,9 +621,9 @@ mod tests {
                 .get(&(rule.to_string(), values.to_string()))
                 .cloned()
         }
-        fn outcome(&self, c: &Claim, write: bool) -> Result<ClaimOutcome, String> {
+        fn outcome(&self, c: &Claim, write: bool) -> Result<ClaimOutcome, Unanswered> {
             if self.broken {
-                return Err("the API server did not answer".into());
+                return Err(Unanswered);
             }
             if let Some(h) = self.claiming.get(&key(c)) {
                 return Ok(ClaimOutcome::Claiming {
@@ -632,8 +644,14 @@ mod tests {
         }
     }
 
+    /// What a broken [`Memory`] fails with.
+    #[derive(Debug, thiserror::Error)]
+    #[error("the API server did not answer")]
+    struct Unanswered;
+
     impl Claims for Memory {
-        async fn check(&self, c: &Claim) -> Result<ClaimOutcome, String> {
+        type Error = Unanswered;
+        async fn check(&self, c: &Claim) -> Result<ClaimOutcome, Unanswered> {
             self.calls.lock().unwrap().push(format!(
                 "check {} {}",
                 c.rule,
@@ -641,7 +659,7 @@ mod tests {
             ));
             self.outcome(c, false)
         }
-        async fn acquire(&self, c: &Claim) -> Result<ClaimOutcome, String> {
+        async fn acquire(&self, c: &Claim) -> Result<ClaimOutcome, Unanswered> {
             self.calls.lock().unwrap().push(format!(
                 "acquire {} {}",
                 c.rule,
@@ -685,8 +703,8 @@ mod tests {
         App::answering(ExternalAnswer::Allowed { warnings: vec![] })
     }
 
-    fn create<'a>(o: &'a DynamicObject) -> Facts<'a> {
-        Facts {
+    fn create<'a>(o: &'a DynamicObject) -> Admission<'a> {
+        Admission {
             operation: Operation::Create,
             namespace: "shop",
             name: o.metadata.name.as_deref().unwrap(),
@@ -696,8 +714,8 @@ mod tests {
         }
     }
 
-    fn update<'a>(old: &'a DynamicObject, new: &'a DynamicObject) -> Facts<'a> {
-        Facts {
+    fn update<'a>(old: &'a DynamicObject, new: &'a DynamicObject) -> Admission<'a> {
+        Admission {
             operation: Operation::Update,
             old_object: Some(old),
             ..create(new)
@@ -706,7 +724,7 @@ mod tests {
 
     fn run<C: Claims, X: External>(
         rules: Vec<BusinessRule>,
-        facts: Facts<'_>,
+        admission: Admission<'_>,
         cache: &Cache,
         claims: &C,
         app: &X,
@@ -714,7 +732,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        rt.block_on(evaluate(&set(rules), &facts, cache, claims, app))
+        rt.block_on(evaluate(&set(rules), &admission, cache, claims, app))
     }
 
     #[test]
@@ -850,11 +868,11 @@ mod tests {
         ];
         for case in cases {
             let app = allow_all();
-            let facts = match &case.old {
+            let admission = match &case.old {
                 Some(old) => update(old, &case.object),
                 None => create(&case.object),
             };
-            let d = run(case.rules, facts, &stored, &case.claims, &app);
+            let d = run(case.rules, admission, &stored, &case.claims, &app);
             match case.denied {
                 None => assert!(d.allowed, "{}: {d:?}", case.what),
                 Some(msg) => {
@@ -880,13 +898,13 @@ mod tests {
 
         // Dry run: checked, not written.
         let claims = Memory::default();
-        let facts = Facts {
+        let admission = Admission {
             dry_run: true,
             ..create(&o)
         };
         let d = run(
             vec![unique("unique-code", &["spec.code"])],
-            facts,
+            admission,
             &cache,
             &claims,
             &allow_all(),
@@ -963,7 +981,7 @@ mod tests {
         );
         assert_eq!(claims.holder("unique-code", json!(["A-1"])), None);
 
-        let delete = Facts {
+        let delete = Admission {
             operation: Operation::Delete,
             namespace: "shop",
             name: "first",
@@ -979,7 +997,7 @@ mod tests {
         let claims = Memory::holding(&[("unique-code", json!(["A-2"]), "first")]);
         let d = run(
             rules(),
-            Facts {
+            Admission {
                 dry_run: true,
                 ..delete
             },
@@ -1224,7 +1242,7 @@ mod tests {
         assert_eq!(payload["object"]["spec"]["message"], "new");
         assert_eq!(payload["oldObject"]["spec"]["code"], "A-1");
 
-        let delete = Facts {
+        let delete = Admission {
             operation: Operation::Delete,
             namespace: "shop",
             name: "first",

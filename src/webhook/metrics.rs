@@ -127,11 +127,7 @@ impl Metrics {
 
     /// Text exposition of every metric.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        crate::telemetry::encode(&self.registry)
     }
 }
 

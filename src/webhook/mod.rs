@@ -84,6 +84,7 @@ use serde::Deserialize;
 
 use crate::api::BusinessRule;
 use crate::render::{CONFIG_PATH, WEBHOOK_PORT, WEBHOOK_TLS_DIR};
+use crate::telemetry::{LogFormat, init_logs};
 
 pub use engine::{Decision, RuleSet, evaluate};
 
@@ -111,15 +112,6 @@ pub struct WebhookArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
-}
-
-/// Log format of `kab webhook`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// The parts of `stack.json` the webhook reads.
@@ -302,6 +294,7 @@ impl StackConfig {
 
 /// Runs the webhook until SIGTERM or SIGINT.
 pub async fn run(args: WebhookArgs) -> anyhow::Result<()> {
+    init_logs(args.log_format, "info,kube=warn");
     let config = StackConfig::read(&args.config)?;
     let listen = args
         .listen

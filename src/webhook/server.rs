@@ -1,5 +1,5 @@
-//! The webhook's HTTP routes: `POST /validate` (AdmissionReview v1), `/healthz`, `/readyz`,
-//! `/metrics`.
+//! The webhook's HTTP routes: `POST /validate` (AdmissionReview v1), and the
+//! [health routes](crate::telemetry::health_routes) `/healthz`, `/readyz`, `/metrics`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,16 +9,20 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use futures::StreamExt as _;
 use kube::core::DynamicObject;
 use kube::core::admission::AdmissionRequest;
 
-use super::engine::{Claims, Decision, Entities, External, Facts, Operation, RuleSet, evaluate};
+use super::engine::{
+    Admission, Claims, Decision, Entities, External, Operation, RuleSet, evaluate,
+};
 use super::metrics::Metrics;
 use super::review::{self, BadReview, MAX_BODY};
 
 use crate::admission_probe::{DENIAL_MARKER, PROBE_ANNOTATION};
+use crate::telemetry::{Health, health_routes};
+
 /// Bodies over [`MAX_BODY`] are still read, up to this much, so that the client can read the
 /// 413 (a server that closes on unread data makes the client's TCP stack drop the answer).
 const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
@@ -68,37 +72,27 @@ where
     C: Claims + Send + Sync + 'static,
     X: External + Send + Sync + 'static,
 {
+    let health = health_routes(app.clone());
     Router::new()
         .route("/validate", post(validate::<E, C, X>))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz::<E, C, X>))
-        .route("/metrics", get(metrics::<E, C, X>))
         .with_state(app)
+        .merge(health)
 }
 
-async fn readyz<E, C, X>(State(app): State<Arc<App<E, C, X>>>) -> Response {
-    let missing = (app.readiness)();
-    if missing.is_empty() {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}", missing.join("; ")),
-        )
-            .into_response()
+impl<E, C, X> Health for App<E, C, X>
+where
+    E: Send + Sync + 'static,
+    C: Send + Sync + 'static,
+    X: Send + Sync + 'static,
+{
+    fn not_ready(&self) -> Vec<&'static str> {
+        (self.readiness)()
     }
-}
 
-async fn metrics<E, C, X>(State(app): State<Arc<App<E, C, X>>>) -> Response {
-    (app.on_scrape)();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        app.metrics.encode(),
-    )
-        .into_response()
+    fn metrics_text(&self) -> String {
+        (self.on_scrape)();
+        self.metrics.encode()
+    }
 }
 
 fn refuse(app_metrics: &Metrics, bad: BadReview, started: Instant) -> Response {
@@ -253,7 +247,7 @@ where
                 "denied",
             );
         }
-        let facts = Facts {
+        let admission = Admission {
             operation,
             namespace: request.namespace.as_deref().unwrap_or_default(),
             name: &name,
@@ -263,7 +257,7 @@ where
         };
         let decision = evaluate(
             &self.rules,
-            &facts,
+            &admission,
             &self.entities,
             &self.claims,
             &self.external,
@@ -328,10 +322,11 @@ mod tests {
     }
     struct Free;
     impl Claims for Free {
-        async fn check(&self, _: &Claim) -> Result<ClaimOutcome, String> {
+        type Error = std::convert::Infallible;
+        async fn check(&self, _: &Claim) -> Result<ClaimOutcome, Self::Error> {
             Ok(ClaimOutcome::Granted)
         }
-        async fn acquire(&self, _: &Claim) -> Result<ClaimOutcome, String> {
+        async fn acquire(&self, _: &Claim) -> Result<ClaimOutcome, Self::Error> {
             Ok(ClaimOutcome::Granted)
         }
         async fn release(&self, _: &Claim) {}
@@ -493,17 +488,7 @@ mod tests {
 
     #[tokio::test]
     async fn health_readiness_and_metrics() {
-        let get = |router: Router, path: &'static str| async move {
-            let r = router
-                .oneshot(Request::get(path).body(Body::empty()).unwrap())
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            let body = axum::body::to_bytes(r.into_body(), usize::MAX)
-                .await
-                .unwrap();
-            (status, String::from_utf8_lossy(&body).into_owned())
-        };
+        use crate::telemetry::fetch as get;
         assert_eq!(get(app(false), "/healthz").await.0, 200);
         assert_eq!(
             get(app(false), "/readyz").await,

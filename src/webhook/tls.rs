@@ -108,17 +108,12 @@ impl CertReloader {
 
     /// Whether a certificate is in use.
     pub fn is_loaded(&self) -> bool {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        crate::read(&self.current).is_some()
     }
 
     /// Expiry of the certificate in use.
     pub fn not_after(&self) -> Option<Timestamp> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        crate::read(&self.current)
             .as_ref()
             .and_then(|l| l.not_after)
     }
@@ -140,10 +135,7 @@ impl CertReloader {
         hash.update([0]);
         hash.update(&key);
         let digest: [u8; 32] = hash.finalize().into();
-        let unchanged = self
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let unchanged = crate::read(&self.current)
             .as_ref()
             .is_some_and(|l| l.digest == digest);
         if unchanged {
@@ -172,7 +164,7 @@ impl CertReloader {
         let not_after = std::str::from_utf8(&crt)
             .ok()
             .and_then(|pem| crate::certs::read_not_after(pem).ok());
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Loaded {
+        *crate::write(&self.current) = Some(Loaded {
             key: Arc::new(certified),
             digest,
             not_after,
@@ -190,7 +182,7 @@ impl CertReloader {
             match self.reload().await {
                 Ok(Reload::Unchanged) => {}
                 Ok(Reload::Loaded(not_after)) => {
-                    *self.last_error.write().unwrap_or_else(|p| p.into_inner()) = None;
+                    *crate::write(&self.last_error) = None;
                     metrics.certificate_loaded(not_after.map(|t| t.as_second()));
                     match not_after {
                         Some(t) => {
@@ -209,7 +201,7 @@ impl CertReloader {
                         let d: [u8; 32] = h.finalize().into();
                         d
                     };
-                    let mut last = self.last_error.write().unwrap_or_else(|p| p.into_inner());
+                    let mut last = crate::write(&self.last_error);
                     if *last != Some(key) {
                         *last = Some(key);
                         if self.is_loaded() {
@@ -226,11 +218,7 @@ impl CertReloader {
 
 impl ResolvesServerCert for CertReloader {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|l| l.key.clone())
+        crate::read(&self.current).as_ref().map(|l| l.key.clone())
     }
 }
 
