@@ -151,6 +151,7 @@ pub struct AuditEvent {
     pub audit_id: String,
     pub stage: String,
     pub verb: String,
+    #[serde(rename = "requestURI")]
     pub request_uri: String,
     pub user: AuditUser,
     pub object_ref: Option<AuditObjectRef>,
@@ -400,15 +401,7 @@ impl Plane {
 
     /// Every event of the audit log so far (write requests only).
     pub fn audit_events(&self) -> anyhow::Result<Vec<AuditEvent>> {
-        let text = match std::fs::read_to_string(&self.layout.audit_log) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("reading {}", self.layout.audit_log.display()));
-            }
-        };
-        parse_audit(&text)
+        read_audit_log(&self.layout.audit_log)
     }
 
     /// Copies the component logs and the audit log into `dest` (created).
@@ -478,8 +471,21 @@ fn stop_in_order(procs: &mut Vec<Process>) {
     procs.clear();
 }
 
+/// The events of the audit log at `path` so far (none when it does not exist yet).
+pub fn read_audit_log(path: &Path) -> anyhow::Result<Vec<AuditEvent>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    parse_audit(&text)
+}
+
+/// Every complete line of an audit log (a line being written has no newline yet).
 fn parse_audit(text: &str) -> anyhow::Result<Vec<AuditEvent>> {
-    text.lines()
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
         .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("audit log line {}", i + 1)))
@@ -1171,6 +1177,7 @@ mod tests {
         let events = parse_audit(text).unwrap();
         assert_eq!(events.len(), 2);
         assert_eq!(events[0].verb, "create");
+        assert_eq!(events[0].request_uri, "/api/v1/namespaces/x/configmaps");
         assert_eq!(events[0].user.username, "kab-admin");
         let obj = events[0].object_ref.as_ref().unwrap();
         assert_eq!(
@@ -1179,5 +1186,8 @@ mod tests {
         );
         assert_eq!(events[0].response_status.as_ref().unwrap().code, 201);
         assert!(events[1].object_ref.is_none());
+        // A line still being written is not read yet.
+        let partial = format!("{text}{{\"kind\":\"Event\",\"verb\":\"cre");
+        assert_eq!(parse_audit(&partial).unwrap().len(), 2);
     }
 }

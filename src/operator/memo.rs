@@ -39,6 +39,8 @@ pub struct Memo {
     status_written: Mutex<HashMap<StackRef, Instant>>,
     /// The desired set (hash) of the last prune that found nothing failing.
     pruned: Mutex<HashMap<StackRef, u64>>,
+    /// The last Warning Event published (reason and message), until a reconcile succeeds.
+    warned: Mutex<HashMap<StackRef, (&'static str, String)>>,
 }
 
 impl Memo {
@@ -60,9 +62,24 @@ impl Memo {
         *n
     }
 
-    /// The stack reconciled without error: its backoff starts over.
+    /// The stack reconciled without error: its backoff starts over, and the same error coming
+    /// back later is warned about again.
     pub fn succeeded(&self, stack: &StackRef) {
         lock(&self.failures).remove(stack);
+        lock(&self.warned).remove(stack);
+    }
+
+    /// Remembers a Warning Event; false when the same one was published last.
+    pub fn record_warning(&self, stack: &StackRef, reason: &'static str, message: &str) -> bool {
+        let mut warned = lock(&self.warned);
+        if warned
+            .get(stack)
+            .is_some_and(|(r, m)| *r == reason && m == message)
+        {
+            return false;
+        }
+        warned.insert(stack.clone(), (reason, message.to_owned()));
+        true
     }
 
     /// The last probe of the stack.
@@ -128,5 +145,29 @@ impl Memo {
         lock(&self.status_written).remove(stack);
         lock(&self.probes).remove(stack);
         lock(&self.failures).remove(stack);
+        lock(&self.warned).remove(stack);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_warning_is_published_once_per_error_until_a_success() {
+        let memo = Memo::default();
+        let todo = ObjectRef::new("todo").within("shop");
+        let other = ObjectRef::new("todo").within("other");
+        assert!(memo.record_warning(&todo, "InvalidSpec", "spec.entity.kind: empty"));
+        // The reconcile after the finalizer patch, before the status write is seen: no second one.
+        assert!(!memo.record_warning(&todo, "InvalidSpec", "spec.entity.kind: empty"));
+        assert!(memo.record_warning(&other, "InvalidSpec", "spec.entity.kind: empty"));
+        // Another error is new.
+        assert!(memo.record_warning(&todo, "InvalidSpec", "spec.entity.group: empty"));
+        // Fixed, then broken the same way again: warned again.
+        memo.succeeded(&todo);
+        assert!(memo.record_warning(&todo, "InvalidSpec", "spec.entity.group: empty"));
+        memo.forget(&todo);
+        assert!(memo.record_warning(&todo, "InvalidSpec", "spec.entity.group: empty"));
     }
 }

@@ -236,17 +236,23 @@ fn failure(outcome: &Outcome) -> Option<(&'static str, &str)> {
 }
 
 /// Publishes a Warning Event when the Reconciled condition is about to change to this error,
-/// so a stack stuck on the same error does not flood the namespace with events.
+/// so a stack stuck on the same error does not flood the namespace with events. The stored
+/// status says what a previous operator run reported; the memo what this run published, which
+/// the cached status may not show yet (the reconcile after the finalizer patch can run before
+/// the watch brings back kab's own status write).
 pub async fn warn_once(stack: &KabStack, ctx: &Ctx, outcome: &Outcome) {
     let Some((reason, message)) = failure(outcome) else {
         return;
     };
-    let same = stack
+    let stored = stack
         .status
         .as_ref()
         .and_then(|s| status::condition(s, "Reconciled"))
         .is_some_and(|c| c.reason == reason && c.message == message);
-    if same {
+    let new = ctx
+        .memo
+        .record_warning(&ObjectRef::from_obj(stack), reason, message);
+    if stored || !new {
         return;
     }
     let event = Event {

@@ -18,8 +18,8 @@ use serde_json::json;
 use crate::support::http::http_get;
 use crate::support::tls;
 use crate::support::{
-    Ctx, Runtime, Test, apply_stack, e2e_tests, local_namespace, operator, runtime, todo_stack,
-    wait_for,
+    Ctx, Runtime, Test, apply_stack, condition, e2e_tests, local_namespace, operator, runtime,
+    todo_stack, wait_for,
 };
 
 pub fn tests() -> Vec<Test> {
@@ -28,6 +28,7 @@ pub fn tests() -> Vec<Test> {
         the_managed_broker_runs_as_a_real_nats_server,
         a_killed_process_makes_its_pod_unready_and_is_restarted,
         the_real_webhook_denies_through_the_rendered_service,
+        the_admission_probe_is_denied_or_reported_inconclusive,
         a_killed_webhook_degrades_the_stack_until_restarted,
     ];
     tests.push(
@@ -220,6 +221,76 @@ fn ruled_stack(ns: &str) -> anyhow::Result<serde_json::Value> {
     ]);
     stack["spec"]["controller"] = json!({"replicas": 1});
     Ok(stack)
+}
+
+/// The admission probe's two passing verdicts, on real webhook processes: a probe entity the
+/// webhook denies (the path works), and one the entity's schema refuses before any webhook is
+/// called (a `pattern` kab's minimal probe object cannot satisfy: 422, inconclusive). Both make
+/// `WebhookReady=True`, and the `AdmissionProbe` row says which proof was used.
+async fn the_admission_probe_is_denied_or_reported_inconclusive(ctx: Ctx) -> anyhow::Result<()> {
+    operator(&ctx).await?;
+    let plain = local_namespace(&ctx, "rt-probe").await?;
+    let patterned = local_namespace(&ctx, "rt-probe-422").await?;
+    apply_stack(&ctx, &ruled_stack(&plain)?).await?;
+    let mut stack = ruled_stack(&patterned)?;
+    stack["spec"]["entity"]["versions"][0]["schema"]["properties"]["code"]["pattern"] =
+        json!("^[A-Z]+-[0-9]+$");
+    apply_stack(&ctx, &stack).await?;
+    for (ns, expected) in [
+        (&plain, "denied as expected"),
+        (
+            &patterned,
+            "inconclusive: the API server refused the probe entity",
+        ),
+    ] {
+        let stacks: Api<KabStack> = Api::namespaced(ctx.client(), ns);
+        let row = |s: &KabStack| {
+            s.status
+                .as_ref()
+                .and_then(|st| st.components.iter().find(|c| c.kind == "AdmissionProbe"))
+                .cloned()
+        };
+        let s = wait_for(
+            &stacks,
+            "todo",
+            |s: Option<&KabStack>| {
+                s.is_some_and(|s| {
+                    condition(s, "WebhookReady").is_some_and(|c| c.0 == "True")
+                        && row(s).is_some_and(|r| r.ready)
+                })
+            },
+            Duration::from_secs(90),
+        )
+        .await
+        .with_context(|| format!("{ns}: WebhookReady with a passing AdmissionProbe row"))?;
+        let row = row(&s).context("no AdmissionProbe row")?;
+        ensure!(
+            row.message.contains(expected),
+            "{ns}: the AdmissionProbe row must say {expected:?}: {:?}",
+            row.message
+        );
+    }
+    // The pattern holds for real entities: the webhook still enforces the rules behind it.
+    let todo = |name: &str, code: &str| {
+        format!(
+            "apiVersion: {patterned}.e2e.example.com/v1\nkind: Todo\nmetadata: {{name: {name}, namespace: {patterned}}}\nspec: {{code: \"{code}\"}}\n"
+        )
+    };
+    ctx.kubectl_with_stdin(["create", "-f", "-"], &todo("first", "AB-1"))
+        .await
+        .context("a valid entity must be admitted")?;
+    let denied = ctx
+        .kubectl_with_stdin(["create", "-f", "-"], &todo("second", "AB-1"))
+        .await;
+    let err = format!(
+        "{:#}",
+        denied.err().context("a duplicate code must be denied")?
+    );
+    ensure!(
+        err.contains("unique-code"),
+        "the denial must name the rule: {err}"
+    );
+    Ok(())
 }
 
 async fn the_real_webhook_denies_through_the_rendered_service(ctx: Ctx) -> anyhow::Result<()> {

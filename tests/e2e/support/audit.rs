@@ -1,70 +1,14 @@
 //! The API server's audit log (every write request, Metadata level; see `kab::plane`): what the
 //! operator wrote about a stack, from a point on.
-//!
-//! Read here rather than with `Plane::audit_events`, whose `AuditEvent::request_uri` is always
-//! empty (the log's key is `requestURI`, not `requestUri`): the URI tells a dry-run request.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
-use kab::plane::Plane;
-use serde::Deserialize;
+pub use kab::plane::AuditEvent;
+use kab::plane::{Plane, read_audit_log as events};
 
 use super::operator::USER as OPERATOR_USER;
 use super::wait::poll_until;
-
-/// One request of the audit log.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct AuditEvent {
-    pub verb: String,
-    #[serde(rename = "requestURI")]
-    pub request_uri: String,
-    pub user: User,
-    pub object_ref: Option<ObjectRef>,
-    pub response_status: Option<Status>,
-}
-
-/// Who sent a request.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct User {
-    pub username: String,
-}
-
-/// What a request is about.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct ObjectRef {
-    pub resource: String,
-    pub namespace: String,
-    pub name: String,
-    pub subresource: String,
-}
-
-/// The answer's code.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Status {
-    pub code: i32,
-}
-
-/// Every complete line of the audit log so far.
-fn events(path: &Path) -> anyhow::Result<Vec<AuditEvent>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    // A line being written has no newline yet.
-    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-    complete
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).with_context(|| format!("audit log line {l}")))
-        .collect()
-}
 
 /// A position in the audit log.
 pub struct Cursor {
