@@ -98,7 +98,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut runtime = match &plane {
         Some(p) => {
             step("starting the local workload runtime (the stack's pods run as local processes)");
-            Some(start_runtime(p.clone(), client.clone()).await?)
+            let kab = std::env::current_exe().context("finding the kab executable")?;
+            Some(start_runtime(p.clone(), client.clone(), kab).await?)
         }
         None => None,
     };
@@ -277,13 +278,14 @@ pub async fn wait_ready(api: &Api<KabStack>, name: &str, timeout: Duration) -> a
     }
 }
 
-/// Starts the local runtime on a plane: the kab binary is this executable, nats-server the one
-/// the plane built, identities are client certificates from the plane's CA.
+/// Starts the local runtime on a plane: pods run the `kab` binary given and the nats-server the
+/// plane built, identities are client certificates from the plane's CA, and the pods' logs go with
+/// the plane's.
 pub async fn start_runtime(
     plane: Arc<Plane>,
     client: kube::Client,
+    kab: PathBuf,
 ) -> anyhow::Result<crate::runtime::LocalRuntime> {
-    let kab = std::env::current_exe().context("finding the kab executable")?;
     let nats = plane.bin("nats-server");
     let dir = plane.dir().join("runtime");
     let p = plane.clone();

@@ -20,7 +20,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kab::api::KabStack;
 use kab::plane::Plane;
 use kab::render::{self, Facts, Settings, Step, Templates};
-use kab::runtime::{LocalRuntime, RuntimeConfig};
+use kab::runtime::LocalRuntime;
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use serde_json::{Value, json};
 
@@ -274,19 +274,9 @@ pub async fn run() -> anyhow::Result<Report> {
     let plane = Arc::new(common::start_plane("pipeline", true, kab::plane::AUDIT_POLICY).await?);
     let client = common::bench_client(&plane).await?;
     let operator = common::start_operator(&plane, &[]).await?;
-    let identity: kab::runtime::IdentityFn = {
-        let p = plane.clone();
-        Arc::new(move |user, groups| p.write_kubeconfig(user, groups))
-    };
-    let mut config = RuntimeConfig::new(
-        plane.dir().join("runtime"),
-        env!("CARGO_BIN_EXE_kab").into(),
-        plane.bin("nats-server"),
-        identity,
-    );
-    config.logs = plane.logs_dir().to_path_buf();
     // The runtime writes as the plane's admin (like KCM), not as the bench client.
-    let rt = LocalRuntime::start(plane.client(), config).await?;
+    let kab = env!("CARGO_BIN_EXE_kab").into();
+    let rt = kab::dev::start_runtime(plane.clone(), plane.client(), kab).await?;
 
     // The stack, its pods run for real by the local runtime.
     common::create_namespaces(

@@ -271,16 +271,24 @@ async fn the_admission_probe_is_denied_or_reported_inconclusive(ctx: Ctx) -> any
         );
     }
     // The pattern holds for real entities: the webhook still enforces the rules behind it.
-    let todo = |name: &str, code: &str| {
+    a_duplicate_code_is_denied(&ctx, &patterned, "AB-1").await?;
+    Ok(())
+}
+
+/// Creates a Todo with `code` in `ns` (a ruled stack's namespace), then another with the same
+/// code, which the stack's webhook must deny naming the rule; returns the denial.
+async fn a_duplicate_code_is_denied(ctx: &Ctx, ns: &str, code: &str) -> anyhow::Result<String> {
+    let group = format!("{ns}.e2e.example.com");
+    let todo = |name: &str| {
         format!(
-            "apiVersion: {patterned}.e2e.example.com/v1\nkind: Todo\nmetadata: {{name: {name}, namespace: {patterned}}}\nspec: {{code: \"{code}\"}}\n"
+            "apiVersion: {group}/v1\nkind: Todo\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{code: \"{code}\", message: hi}}\n"
         )
     };
-    ctx.kubectl_with_stdin(["create", "-f", "-"], &todo("first", "AB-1"))
+    ctx.kubectl_with_stdin(["create", "-f", "-"], &todo("first"))
         .await
         .context("a valid entity must be admitted")?;
     let denied = ctx
-        .kubectl_with_stdin(["create", "-f", "-"], &todo("second", "AB-1"))
+        .kubectl_with_stdin(["create", "-f", "-"], &todo("second"))
         .await;
     let err = format!(
         "{:#}",
@@ -290,7 +298,7 @@ async fn the_admission_probe_is_denied_or_reported_inconclusive(ctx: Ctx) -> any
         err.contains("unique-code"),
         "the denial must name the rule: {err}"
     );
-    Ok(())
+    Ok(err)
 }
 
 async fn the_real_webhook_denies_through_the_rendered_service(ctx: Ctx) -> anyhow::Result<()> {
@@ -312,25 +320,7 @@ async fn the_real_webhook_denies_through_the_rendered_service(ctx: Ctx) -> anyho
     .await
     .context("webhook not ready")?;
     let group = format!("{ns}.e2e.example.com");
-    let todo = |name: &str, code: &str| {
-        format!(
-            "apiVersion: {group}/v1\nkind: Todo\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{code: \"{code}\", message: hi}}\n"
-        )
-    };
-    ctx.kubectl_with_stdin(["create", "-f", "-"], &todo("first", "A-1"))
-        .await
-        .context("a valid entity must be admitted")?;
-    let denied = ctx
-        .kubectl_with_stdin(["create", "-f", "-"], &todo("second", "A-1"))
-        .await;
-    let err = format!(
-        "{:#}",
-        denied.err().context("a duplicate code must be denied")?
-    );
-    ensure!(
-        err.contains("unique-code"),
-        "the denial must name the rule: {err}"
-    );
+    let err = a_duplicate_code_is_denied(&ctx, &ns, "A-1").await?;
     ensure!(
         err.contains("denied the request"),
         "the denial must come from the admission webhook: {err}"

@@ -21,18 +21,8 @@ impl Runtime {
 /// Starts (once) the local runtime with the built kab binary and the plane's nats-server.
 pub async fn runtime(ctx: &Ctx) -> anyhow::Result<Arc<Runtime>> {
     ctx.shared(|plane: Arc<Plane>| async move {
-        let p = plane.clone();
-        let identity: kab::runtime::IdentityFn =
-            Arc::new(move |user, groups| p.write_kubeconfig(user, groups));
-        let mut config = kab::runtime::RuntimeConfig::new(
-            plane.dir().join("runtime"),
-            env!("CARGO_BIN_EXE_kab").into(),
-            plane.bin("nats-server"),
-            identity,
-        );
-        // Kept with the plane's logs when a test fails.
-        config.logs = plane.logs_dir().to_path_buf();
-        let rt = LocalRuntime::start(plane.client(), config).await?;
+        let kab = env!("CARGO_BIN_EXE_kab").into();
+        let rt = kab::dev::start_runtime(plane.clone(), plane.client(), kab).await?;
         Ok(Runtime(Mutex::new(rt)))
     })
     .await
