@@ -128,7 +128,7 @@ pub fn controller(
         .watches_stream(crd_stream, crd_mapper)
         .watches_stream(dep_stream, by_labels)
         .watches_stream(sts_stream, by_labels)
-        .watches_stream(pod_stream, by_labels)
+        .watches_stream(pod_stream, pod_to_stack)
         .watches_stream(secret_stream, by_labels)
         .watches_stream(reg_stream, by_labels)
         .watches_stream(sa_stream, by_labels)
@@ -224,6 +224,15 @@ fn by_labels<K: Resource>(obj: K) -> Option<ObjectRef<KabStack>> {
     Some(ObjectRef::new(name).within(ns))
 }
 
+/// Maps a stack's pod to its stack: pods carry the stack label (the workloads' selectors) but
+/// not the stack-namespace label, and are always in their stack's namespace. Without this a
+/// pod's own changes (a crash loop starting) woke no reconcile, and status waited for some
+/// other child to change.
+fn pod_to_stack(pod: Pod) -> Option<ObjectRef<KabStack>> {
+    let name = pod.labels().get(LABEL_STACK)?;
+    Some(ObjectRef::new(name).within(&pod.namespace()?))
+}
+
 impl Stores {
     /// The version (see [`crate::index::version_of`]) of a child kab watches, if it is there.
     pub fn version(&self, kind: &str, ns: Option<&str>, name: &str) -> Option<String> {
@@ -247,5 +256,30 @@ impl Stores {
             .and_then(|d| d.status.as_ref().and_then(|s| s.available_replicas))
             .unwrap_or(0)
             >= 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stacks_pod_maps_to_the_stack_of_its_namespace() {
+        let pod = |labels: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "todo-webhook-abc", "namespace": "shop", "labels": labels}
+            }))
+            .unwrap()
+        };
+        // The labels of the webhook's pod template: no stack-namespace label.
+        let webhook = pod(serde_json::json!({
+            "kab.dev/stack": "todo", "app.kubernetes.io/component": "webhook",
+        }));
+        assert_eq!(
+            pod_to_stack(webhook.clone()),
+            Some(ObjectRef::new("todo").within("shop"))
+        );
+        assert_eq!(by_labels(webhook), None);
+        assert_eq!(pod_to_stack(pod(serde_json::json!({"app": "other"}))), None);
     }
 }
