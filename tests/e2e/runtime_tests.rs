@@ -19,7 +19,7 @@ use crate::support::http::http_get;
 use crate::support::tls;
 use crate::support::{
     Ctx, Runtime, Test, apply_stack, condition, e2e_tests, local_namespace, operator, runtime,
-    todo_stack, wait_for,
+    todo_stack, wait_condition, wait_for,
 };
 
 pub fn tests() -> Vec<Test> {
@@ -133,18 +133,7 @@ async fn the_managed_broker_runs_as_a_real_nats_server(ctx: Ctx) -> anyhow::Resu
         status == 200,
         "NATS /healthz through the Service: {status} {body}"
     );
-    let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
-    wait_for(
-        &stacks,
-        "todo",
-        |s: Option<&KabStack>| {
-            s.and_then(|s| s.status.as_ref())
-                .and_then(|s| kab::status::condition(s, "BrokerReady"))
-                .is_some_and(|c| c.status == "True")
-        },
-        Duration::from_secs(30),
-    )
-    .await?;
+    wait_condition(&ctx, &ns, "todo", "BrokerReady", Duration::from_secs(30)).await?;
     Ok(())
 }
 
@@ -307,18 +296,9 @@ async fn the_real_webhook_denies_through_the_rendered_service(ctx: Ctx) -> anyho
     let stack = ruled_stack(&ns)?;
     apply_stack(&ctx, &stack).await?;
     let stacks: Api<KabStack> = Api::namespaced(ctx.client(), &ns);
-    wait_for(
-        &stacks,
-        "todo",
-        |s: Option<&KabStack>| {
-            s.and_then(|s| s.status.as_ref())
-                .and_then(|s| kab::status::condition(s, "WebhookReady"))
-                .is_some_and(|c| c.status == "True")
-        },
-        Duration::from_secs(90),
-    )
-    .await
-    .context("webhook not ready")?;
+    wait_condition(&ctx, &ns, "todo", "WebhookReady", Duration::from_secs(90))
+        .await
+        .context("webhook not ready")?;
     let group = format!("{ns}.e2e.example.com");
     let err = a_duplicate_code_is_denied(&ctx, &ns, "A-1").await?;
     ensure!(

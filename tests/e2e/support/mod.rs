@@ -56,7 +56,7 @@ pub use runner::{Test, main, qualified_name};
 pub use runtime::{Runtime, local_namespace, runtime};
 pub use stack::{
     READY_TIMEOUT, apply_rbac_entity_api_and_config, apply_stack, apply_stack_with, condition,
-    group_for, is_ready, operator, ready_todo, todo_stack, wait_ready,
+    group_for, is_ready, operator, ready_todo, todo_stack, wait_condition, wait_ready,
 };
 pub use wait::{wait_deleted, wait_for};
 

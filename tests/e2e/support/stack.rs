@@ -85,6 +85,24 @@ pub fn is_ready(s: Option<&KabStack>) -> bool {
     s.is_some_and(|s| kab::health::ready(s.status.as_ref()))
 }
 
+/// Waits until condition `type_` of stack `ns/name` is True.
+pub async fn wait_condition(
+    ctx: &Ctx,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    timeout: Duration,
+) -> anyhow::Result<KabStack> {
+    let api: Api<KabStack> = Api::namespaced(ctx.client(), ns);
+    let is_true = |s: Option<&KabStack>| {
+        s.and_then(|s| condition(s, type_))
+            .is_some_and(|c| c.0 == "True")
+    };
+    wait_for(&api, name, is_true, timeout)
+        .await
+        .with_context(|| format!("KabStack {ns}/{name}: {type_} not True"))
+}
+
 /// Waits until stack `ns/name` is Ready.
 pub async fn wait_ready(ctx: &Ctx, ns: &str, name: &str) -> anyhow::Result<KabStack> {
     let api: Api<KabStack> = Api::namespaced(ctx.client(), ns);
